@@ -1,0 +1,223 @@
+"""Pretrained backbone weights: from a local file (offline, safe) or from the Hugging Face hub.
+
+A local file is ``.safetensors`` or a PyTorch state dict (``.pt``/``.pth``/``.bin``) read with
+``torch.load(weights_only=True)``, so no code inside it ever runs. Its keys are mapped onto the timm
+backbone: wrapper prefixes (``module.``, ``model.``, ``backbone.``) are stripped, the original classifier
+is dropped (the medlens head is always freshly initialised), and a 3-channel stem is adapted to the
+model's ``in_chans``. Every backbone weight must be present; extra keys are reported in a warning.
+
+Hub weights need a network. Where there is none, medlens notices within about a second, switches the hub
+client to offline mode (a copy already in the hub cache still loads) and otherwise raises
+:class:`WeightsUnavailableError`, saying how to pass a local file instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import socket
+import threading
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from medlens.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
+LOCAL_FILE_HINT = "model.pretrained: /path/to/weights.safetensors"
+HUB_PROBE_SECONDS = 1.0
+
+
+class WeightsUnavailableError(CheckpointError):
+    """Pretrained weights were asked for from the hub but cannot be fetched (offline, unknown name)."""
+
+
+def is_weights_file(pretrained: object) -> bool:
+    """Whether a ``pretrained`` setting names a local file rather than ``True`` or a hub name."""
+    if isinstance(pretrained, Path):
+        return True
+    return isinstance(pretrained, str) and (
+        pretrained.lower().endswith(WEIGHT_SUFFIXES) or Path(pretrained).expanduser().is_file()
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file or a PyTorch state dict, never unpickling code."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"pretrained weights file {str(path)!r} not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ConfigError(f"{path}: unsupported weights file type {path.suffix!r}; use {WEIGHT_SUFFIXES}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(exc))
+        raise CheckpointError(
+            f"{path}: refused to load: it holds Python objects, not just tensors, and loading them could run "
+            f"code ({found.group(1) if found else exc}). Re-save the plain state dict, ideally as .safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({exc})") from None
+    return _tensors_only(path, loaded)
+
+
+def _tensors_only(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
+    """The state dict itself, also when a training checkpoint nests it under ``state_dict`` or ``model``."""
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        found = sorted(loaded)[:5] if isinstance(loaded, dict) else type(loaded).__name__
+        raise CheckpointError(f"{path}: expected a state dict of tensors, found {found}")
+    return loaded
+
+
+def backbone_state(state: dict[str, torch.Tensor], classifier: str) -> dict[str, torch.Tensor]:
+    """Keys renamed to the timm backbone's, with the file's own classifier (or medlens head) dropped."""
+    medlens_file = any(key.removeprefix("module.").startswith("backbone.") for key in state)
+    kept, dropped = {}, []
+    for key, value in state.items():
+        name = _strip_wrappers(key)
+        own_head = medlens_file and not key.removeprefix("module.").startswith("backbone.")
+        if own_head or name.startswith(f"{classifier}."):
+            dropped.append(key)
+        else:
+            kept[name] = value
+    if dropped:
+        log.info("dropped %d classifier weights (%s, ...); the head starts fresh", len(dropped), dropped[0])
+    return kept
+
+
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into a timm backbone, strictly: every backbone weight must be there."""
+    cfg = backbone.pretrained_cfg
+    arch = cfg.get("architecture", type(backbone).__name__)
+    state = backbone_state(read_state_dict(path), cfg["classifier"])
+    expected = backbone.state_dict()
+    _adapt_stem(state, expected, f"{cfg['first_conv']}.weight")
+
+    # Old BatchNorm exports lack the step counter; it is bookkeeping, not a weight.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {len(missing)} of the {len(expected)} {arch} backbone weights, e.g. {missing[:4]}; "
+            f"is it a {arch} checkpoint? Keys it has that {arch} does not: {unexpected[:4]}"
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if wrong:
+        raise CheckpointError(f"{path}: {len(wrong)} weights do not fit {arch}'s shapes, e.g. {wrong[:3]}")
+    if unexpected:
+        warnings.warn(
+            f"{path}: ignoring {len(unexpected)} weights {arch} does not have, e.g. {unexpected[:4]}",
+            stacklevel=3,
+        )
+    backbone.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def _adapt_stem(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], key: str) -> None:
+    """Fold a first conv's input channels (RGB -> 1, 1 -> 3) into the model's, as timm does for its weights."""
+    if key in state and key in expected and state[key].shape[1] != expected[key].shape[1]:
+        base_chans, in_chans = state[key].shape[1], expected[key].shape[1]
+        log.info("adapting %s from %d to %d input channels", key, base_chans, in_chans)
+        state[key] = timm.models.adapt_input_conv(in_chans, state[key], base_chans=base_chans)
+
+
+def create_from_hub(timm_name: str, hub_name: str | None, **timm_kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with hub weights: timm's default for ``timm_name`` or the repo ``hub_name``."""
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    model_name, overlay = _hub_model_name(timm_name, hub_name)
+    source = hub_name or f"timm's default weights for {timm_name}"
+    if not hub_reachable():
+        _use_hub_offline()
+    try:
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
+    except (EntryNotFoundError, HfHubHTTPError, ConnectionError) as exc:  # offline mode is a ConnectionError
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        raise WeightsUnavailableError(
+            f"cannot fetch {source} from the Hugging Face hub ({reason}). Download the weights where there "
+            f"is a network and pass the local file instead: {LOCAL_FILE_HINT}"
+        ) from None
+
+
+def _hub_model_name(timm_name: str, hub_name: str | None) -> tuple[str, dict[str, str] | None]:
+    """timm's ``arch.tag`` for ``timm/arch.tag`` (so its own normalisation applies), else a repo overlay."""
+    if hub_name is None:
+        return timm_name, None
+    repo = hub_name.removeprefix("hf-hub:")
+    if repo.count("/") != 1:
+        raise ConfigError(
+            f"pretrained {hub_name!r} is neither a local weights file ({', '.join(WEIGHT_SUFFIXES)}) "
+            f"nor a hub name like 'timm/{timm_name}.<tag>'"
+        )
+    org, model = repo.split("/")
+    if org != "timm":
+        return timm_name, {"hf_hub_id": repo}
+    if model.split(".")[0] != timm_name:
+        raise ConfigError(f"pretrained {hub_name!r} holds weights for {model.split('.')[0]}, not {timm_name}")
+    return model, None
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """False when offline mode is on or a TCP connection to the hub (or the https proxy) fails in time."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        return False
+    proxy = urllib.request.getproxies().get("https")
+    url = urllib.parse.urlsplit(proxy or constants.ENDPOINT)
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    connected: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            connected.append(True)
+        except OSError:
+            pass
+
+    # A thread, because name resolution ignores the socket timeout and can hang far longer.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(connected)
+
+
+def _use_hub_offline() -> None:
+    """Stop the hub client from retrying a network that is not there (for this process and its children)."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        log.warning("the Hugging Face hub is unreachable: switching it to offline mode for this process")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
