@@ -20,9 +20,7 @@ Handler = Callable[[argparse.Namespace], int]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
@@ -40,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     jobs = parser.add_subparsers(title="jobs", metavar="JOB")
     _add_data(jobs)
+    _add_train(jobs)
+    _add_evaluate(jobs)
     _add_demo(jobs)
+    _add_faces(jobs)
     return parser
 
 
@@ -105,21 +106,84 @@ def _data_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(jobs: argparse._SubParsersAction) -> None:
+    train = jobs.add_parser("train", help="train a classifier from a YAML config (torchrun for DDP)")
+    train.add_argument("config", type=Path, help="YAML config, e.g. configs/cxr4.yaml")
+    train.add_argument("--out", required=True, type=Path, help="run folder: best/, last/, history.csv")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=2 (repeatable)",
+    )
+    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last")
+    train.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from medlens.config import load_config
+    from medlens.faces.pipeline import is_face_config, load_face_config, train_from_config
+    from medlens.training.fit import train
+
+    if is_face_config(args.config):
+        result = train_from_config(load_face_config(args.config, args.overrides), args.out)
+        print(f"face head trained: checkpoint {result.checkpoint}, top-1 {result.metrics['accuracy']:.3f}")
+        return 0
+
+    config = load_config(args.config, args.overrides)
+    best = train(config, args.out, resume=args.resume)
+    print("best epoch " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in best.items()))
+    return 0
+
+
+def _add_evaluate(jobs: argparse._SubParsersAction) -> None:
+    evaluate = jobs.add_parser(
+        "evaluate", help="metrics with CIs and the HTML report: predictions.csv, metrics.json, report.html"
+    )
+    evaluate.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
+    evaluate.add_argument(
+        "--data",
+        dest="source",
+        help="data SOURCE (default: what the run trained on); another source is scored whole, "
+        "the run's own data only on its test split",
+    )
+    evaluate.add_argument("--out", required=True, type=Path, help="folder for predictions, metrics and report")
+    evaluate.add_argument("--split", help="the run's own split to use when SOURCE is its data (default test)")
+    evaluate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of patients")
+    evaluate.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from medlens.evaluation.evaluate import evaluate, format_metrics
+
+    result = evaluate(args.checkpoint, args.out, args.source, args.split, n_resamples=args.resamples)
+    print(f"evaluated {result.metrics['evaluated_on']['description']}")
+    print(format_metrics(result.metrics))
+    print(f"wrote {args.out / 'predictions.csv'} and {args.out / 'metrics.json'}")
+    print(f"report: {result.report}")
+    return 0
+
+
+def _add_faces(jobs: argparse._SubParsersAction) -> None:
+    from medlens.faces.cli import add_parser
+
+    add_parser(jobs)
+
+
 def _add_demo(jobs: argparse._SubParsersAction) -> None:
-    demo = jobs.add_parser("demo", help="the main job on the embedded phantoms (needs nothing downloaded)")
+    demo = jobs.add_parser("demo", help="the main job on the embedded phantoms: train, evaluate, explain")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    demo.add_argument("--n", type=int, default=400, help="number of phantom images (default 400)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--config", type=Path, default=None, help="config (default: the packaged demo.yaml)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from medlens.data.inspect import format_summary, summarize
-    from medlens.data.phantoms import generate_phantoms
-    from medlens.data.records import load_source
+    from medlens.demo import run_demo
 
-    data = generate_phantoms(args.out / "phantoms", n=args.n, task="multilabel", seed=args.seed)
-    print(format_summary(summarize(load_source(data))))
+    run_demo(args.out, args.config, args.overrides)
     return 0
 
 

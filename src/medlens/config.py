@@ -125,13 +125,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-3)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value else None)
+        set_dotted(raw, key.strip(), yaml.safe_load(value) if value else None)
     config = _build(Config, raw, "")
     _check_choices(config)
     return config
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:
