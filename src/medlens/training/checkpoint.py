@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from medlens import __version__
 from medlens.errors import CheckpointError
+from medlens.io import write_atomic
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -100,8 +101,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if not candidate.exists() and (old / MANIFEST).is_file() and (old / WEIGHTS).is_file():
             return old
     raise CheckpointError(
-        f"{path} is not a checkpoint: expected {MANIFEST} and {WEIGHTS} in it, "
-        "or a run folder with best/ or last/"
+        f"{path} is not a checkpoint: expected {MANIFEST} and {WEIGHTS} in it, or a run folder with best/ or last/"
     )
 
 
@@ -144,10 +144,7 @@ def update_manifest(folder: str | Path, **fields: Any) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=_jsonable), durable=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -182,9 +179,7 @@ def _split_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], Any
             return {_TENSOR: key}
         if isinstance(value, Mapping):
             return {
-                "__dict__": [
-                    [walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")] for i, (k, v) in enumerate(value.items())
-                ]
+                "__dict__": [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")] for i, (k, v) in enumerate(value.items())]
             }
         if isinstance(value, list | tuple):
             return [walk(v, f"{key}.{i}") for i, v in enumerate(value)]
