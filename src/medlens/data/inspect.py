@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from medlens.data.readers import _sniff, read_image
+from medlens.data.readers import read_image, sniff_format
 from medlens.data.records import RecordTable
 from medlens.errors import ImageReadError
 
@@ -67,7 +67,7 @@ def _file_problem(path: Path, decode: bool) -> str | None:
         head = handle.read(132)
     if not head:
         return "empty file"
-    return None if _sniff(head) else "not a PNG, JPEG or DICOM file"
+    return None if sniff_format(head) else "not a PNG, JPEG or DICOM file"
 
 
 def format_summary(summary: dict[str, object]) -> str:

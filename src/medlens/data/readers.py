@@ -1,0 +1,313 @@
+"""Image readers: PNG, JPEG and DICOM into one array type.
+
+Every reader returns ``float32`` pixels in ``[0, 1]``: shape ``(H, W)`` for ``channels=1`` (the X-ray
+default) and ``(H, W, 3)`` for ``channels=3`` (faces, colour photos). 8-bit values are divided by 255,
+16-bit by 65535; palette images are expanded, alpha is composited over black, colour is reduced to
+luminance with the ITU-R 601 weights PIL uses. DICOM goes through the modality LUT (RescaleSlope /
+Intercept), then the VOI LUT or window, whose output range becomes [0, 1] (without either, the image's
+own range does), and MONOCHROME1 is inverted so bone is always bright. Colour DICOM (RGB, YBR, palette)
+is divided by its bit depth.
+
+Anything that cannot be read raises :class:`~medlens.errors.ImageReadError`, whose message names the file
+and the problem. Nothing here logs pixel data or DICOM patient fields.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from medlens.errors import ImageReadError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Images with more pixels than this are refused (decompression bombs); override per call."""
+
+RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+IMAGE_SUFFIXES = RASTER_SUFFIXES | DICOM_SUFFIXES
+
+# Technical DICOM fields that identify no one; the only ones medlens ever copies out of a file.
+DICOM_TECHNICAL_FIELDS = (
+    "Modality",
+    "ViewPosition",
+    "BodyPartExamined",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsStored",
+    "PixelSpacing",
+)
+
+Channels = Literal[1, 3]
+ImageSource = str | Path | bytes
+
+
+@dataclass
+class LoadedImage:
+    """Pixels plus what the server may show about them."""
+
+    pixels: np.ndarray
+    format: Literal["png", "jpeg", "dicom"]
+    dicom: dict[str, object] = field(default_factory=dict)
+
+
+def read_image(
+    source: ImageSource, *, channels: Channels = 1, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> np.ndarray:
+    """Read a PNG, JPEG or DICOM file (or its bytes) as float32 in [0, 1]."""
+    return load_image(source, channels=channels, max_pixels=max_pixels, name=name).pixels
+
+
+def load_image(
+    source: ImageSource, *, channels: Channels = 1, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> LoadedImage:
+    """Like :func:`read_image`, but also says the format and the non-identifying DICOM fields."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels!r}")
+    label, data = _bytes_of(source, name)
+    kind = sniff_format(data)
+    if kind is None:
+        head = data[:16]
+        raise ImageReadError(label, f"not a PNG, JPEG or DICOM image (starts with {head!r})")
+    if kind == "dicom":
+        pixels, technical = _decode_dicom(data, label, max_pixels)
+        return LoadedImage(_to_channels(pixels, channels), "dicom", technical)
+    return LoadedImage(_decode_raster(data, label, channels, max_pixels), kind)
+
+
+def _bytes_of(source: ImageSource, name: str | None) -> tuple[str, bytes]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        label = name or "<uploaded bytes>"
+    else:
+        path = Path(source)
+        label = name or str(path)
+        suffix = path.suffix.lower()
+        # DICOM exports often have no extension, or are named by a UID ("1.2.840.1136"): sniff those by content.
+        if suffix and suffix not in IMAGE_SUFFIXES and not suffix[1:].isdigit():
+            raise ImageReadError(label, f"unknown extension {suffix!r}; expected one of {sorted(IMAGE_SUFFIXES)}")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageReadError(label, "no such file") from None
+        except IsADirectoryError:
+            raise ImageReadError(label, "is a directory, not an image file") from None
+        except OSError as exc:
+            raise ImageReadError(label, f"cannot be read ({exc.strerror or exc})") from None
+    if not data:
+        raise ImageReadError(label, "empty file (0 bytes)")
+    return label, data
+
+
+def sniff_format(data: bytes) -> Literal["png", "jpeg", "dicom"] | None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def _decode_raster(data: bytes, label: str, channels: Channels, max_pixels: int) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit applies; PIL's bomb warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            _check_pixels(label, width, height, max_pixels)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        # PIL refuses far larger images on its own, before our check can run.
+        raise ImageReadError(label, f"image is over the pixel limit ({exc})") from None
+    except Exception as exc:  # PIL's parsers fail on damaged files with many types (IndexError, struct.error, ...)
+        raise ImageReadError(label, f"corrupt or truncated image ({_reason(exc)})") from None
+    return _pil_to_array(image, label, channels)
+
+
+def _check_pixels(label: str, width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageReadError(label, f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageReadError(
+            label, f"image is {width}x{height} = {width * height:,} pixels, over the pixel limit of {max_pixels:,}"
+        )
+
+
+def _pil_to_array(image: Image.Image, label: str, channels: Channels) -> np.ndarray:
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB" if mode != "1" else "L")
+    elif mode == "PA":
+        image = image.convert("RGBA")
+    mode = image.mode
+    arr = np.asarray(image)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        pixels = arr.astype(np.float32) / 65535.0
+    elif mode == "I":
+        top = 65535.0 if arr.max(initial=0) <= 65535 else float(np.iinfo(np.int32).max)
+        pixels = np.clip(arr.astype(np.float32) / top, 0.0, 1.0)
+    elif mode == "F":
+        pixels = _min_max(arr.astype(np.float32))
+    elif arr.dtype == np.uint8:
+        pixels = arr.astype(np.float32) / 255.0
+    else:
+        raise ImageReadError(label, f"unsupported pixel mode {mode!r}")
+    if pixels.ndim == 3 and pixels.shape[2] in (2, 4):
+        # Composite over black: transparent areas carry no image.
+        alpha = pixels[..., -1:]
+        pixels = pixels[..., :-1] * alpha
+        if pixels.shape[2] == 1:
+            pixels = pixels[..., 0]
+    return _to_channels(pixels, channels)
+
+
+def _to_channels(pixels: np.ndarray, channels: Channels) -> np.ndarray:
+    if channels == 1:
+        if pixels.ndim == 3:
+            pixels = pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.ascontiguousarray(pixels, dtype=np.float32)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    return _unit_range(values, float(values.min()), float(values.max()))
+
+
+def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray, dict[str, object]]:
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - pydicom is a core dependency
+        raise ImageReadError(label, "reading DICOM needs pydicom: pip install pydicom") from None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        pixels = _dicom_pixels(ds, label, max_pixels)
+        technical = {key: _plain(ds.get(key)) for key in DICOM_TECHNICAL_FIELDS if key in ds}
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+    except ImageReadError:
+        raise
+    except Exception as exc:  # pydicom converts elements lazily, so a damaged file can fail anywhere, as any type
+        raise ImageReadError(label, f"corrupt DICOM file ({_reason(exc)})") from None
+    if syntax is not None:
+        technical["TransferSyntax"] = syntax.name
+    return pixels, technical
+
+
+def _dicom_pixels(ds: Dataset, label: str, max_pixels: int) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise ImageReadError(label, "DICOM file has no pixel data (not an image, or truncated)")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise ImageReadError(label, f"multi-frame DICOM ({frames} frames) is not supported; export a single frame")
+    rows, columns, samples = int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel") or 1)
+    _check_pixels(label, columns, rows, max_pixels)
+    raw = _dicom_raw_pixels(ds, label)
+    expected = (rows, columns) if samples == 1 else (rows, columns, 3)
+    if raw.shape != expected:
+        # pydicom infers extra frames from a long pixel data element; a damaged header looks the same.
+        raise ImageReadError(
+            label, f"DICOM pixel data has shape {raw.shape}, expected {expected} (extra frames or a damaged header)"
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    try:
+        if samples == 3:
+            # pydicom has already converted YBR colour to RGB.
+            return _unit_range(raw.astype(np.float32), 0.0, 2.0 ** int(ds.BitsStored) - 1)
+        if photometric == "PALETTE COLOR":
+            from pydicom.pixels import apply_color_lut
+
+            rgb = apply_color_lut(raw, ds)
+            return _unit_range(rgb.astype(np.float32), 0.0, float(np.iinfo(rgb.dtype).max))
+        pixels = _grey_levels(ds, raw)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, NotImplementedError) as exc:
+        raise ImageReadError(label, f"DICOM lookup tables cannot be applied ({_reason(exc)})") from None
+    return 1.0 - pixels if photometric == "MONOCHROME1" else pixels
+
+
+def _dicom_raw_pixels(ds: Dataset, label: str) -> np.ndarray:
+    from pydicom.pixels import get_decoder
+
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed:
+        try:
+            decoder = get_decoder(syntax)
+        except NotImplementedError:
+            raise ImageReadError(label, f"pydicom has no decoder for {syntax.name} ({syntax})") from None
+        if not decoder.is_available:
+            options = "; ".join(decoder.missing_dependencies)
+            raise ImageReadError(
+                label, f"{syntax.name} pixel data needs a decoder that is not installed; install one of: {options}"
+            )
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # decoders raise a wide range of types for damaged pixel data
+        if syntax is not None and syntax.is_compressed:
+            raise ImageReadError(
+                label,
+                f"{syntax.name} pixel data cannot be decoded (damaged, or a variant the installed decoders "
+                f"do not support): {_reason(exc)}",
+            ) from None
+        raise ImageReadError(label, f"DICOM pixel data cannot be decoded ({_reason(exc)})") from None
+
+
+def _grey_levels(ds: Dataset, raw: np.ndarray) -> np.ndarray:
+    """Stored values through the modality LUT, then the VOI LUT or window (a LUT wins, as in pydicom).
+
+    A VOI LUT or window maps onto its own output range, which becomes [0, 1], so a window wider than
+    the data is not stretched. Without either, the image's own range becomes [0, 1].
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+    values = apply_modality_lut(raw, ds)
+    lut = ds.VOILUTSequence[0] if ds.get("VOILUTSequence") else None
+    if lut is not None and lut.get("LUTDescriptor") is not None and lut.get("LUTData") is not None:
+        entries, first_mapped, _ = lut.LUTDescriptor
+        # The declared bits per entry often overstate the entries, so the table's own range is the output range.
+        table = apply_voi(np.arange(first_mapped, first_mapped + (entries or 2**16)), ds)
+        shown = apply_voi(np.rint(values).astype(np.int64), ds)
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        # Values far below and above the window land on the ends of its output range.
+        table = apply_windowing(np.array([-np.inf, np.inf]), ds)
+        shown = apply_windowing(values, ds)
+    else:
+        return _min_max(np.asarray(values, dtype=np.float32))
+    return _unit_range(np.asarray(shown, dtype=np.float32), float(table.min()), float(table.max()))
+
+
+def _unit_range(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _reason(exc: Exception) -> str:
+    """An exception as a short phrase; pydicom messages can quote whole element values."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _plain(value: object) -> object:
+    """DICOM values as JSON-friendly Python values."""
+    if isinstance(value, str | int | float) or value is None:
+        return value
+    try:
+        return [float(v) for v in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return str(value)
