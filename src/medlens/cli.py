@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(jobs)
     _add_train(jobs)
     _add_evaluate(jobs)
+    _add_predict(jobs)
     _add_demo(jobs)
     _add_faces(jobs)
     return parser
@@ -170,6 +171,24 @@ def _add_faces(jobs: argparse._SubParsersAction) -> None:
     from medlens.faces.cli import add_parser
 
     add_parser(jobs)
+
+
+def _add_predict(jobs: argparse._SubParsersAction) -> None:
+    predict = jobs.add_parser("predict", help="probabilities for many images into a CSV (resumable)")
+    predict.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
+    predict.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders, or a data CSV")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV (default predictions.csv)")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from medlens.inference import Predictor
+    from medlens.predict import predict_to_csv
+
+    written = predict_to_csv(Predictor.from_checkpoint(args.checkpoint), args.inputs, args.out, args.batch_size)
+    print(f"wrote {written} rows to {args.out}")
+    return 0
 
 
 def _add_demo(jobs: argparse._SubParsersAction) -> None:

@@ -56,7 +56,7 @@ def test_probabilities_per_task():
 def test_epoch_order_is_seeded_and_shards_cover_everything():
     a, b = epoch_order(10, seed=1, epoch=2), epoch_order(10, seed=1, epoch=2)
     assert np.array_equal(a, b) and not np.array_equal(a, epoch_order(10, seed=1, epoch=3))
-    parts = [shard(a, r, 3) for r in range(3)]
+    parts = [shard(a, r, 3) for r in range(3)]  # validation's padded, interleaved shares
     assert {len(p) for p in parts} == {4}
     assert set(np.concatenate(parts)) == set(range(10))
 

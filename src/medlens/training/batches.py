@@ -27,9 +27,9 @@ def to_input(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return (x - m) / s
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
-    """A seeded permutation of ``n`` rows for one epoch; with ``world`` > 1, this rank's equal share."""
-    return shard(np.random.default_rng([seed, epoch]).permutation(n), rank, world)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """A seeded permutation of ``n`` rows for one epoch, the same on every rank."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:

@@ -1,0 +1,116 @@
+"""One Predictor: load a checkpoint, read and preprocess images, predict.
+
+evaluate, explain, predict and serve all go through it, so preprocessing can never drift between them.
+Its preprocessing is the cache's (read, squash-resize, quantise to 8 bits, normalise), so a model sees
+the same pixels in training and in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from medlens.data.readers import ImageSource, read_image
+from medlens.data.transforms import resize_image
+from medlens.errors import CheckpointError
+from medlens.runtime import apply_cpu_defaults, to_channels_last
+from medlens.training.batches import to_input
+from medlens.training.checkpoint import load_weights, read_manifest, resolve_checkpoint
+from medlens.training.losses import probabilities
+
+
+class Predictor:
+    """A loaded checkpoint that turns images into probabilities."""
+
+    def __init__(self, model: torch.nn.Module, manifest: dict[str, Any], path: Path | None = None):
+        self.model = to_channels_last(model.eval())
+        self.manifest = manifest
+        self.path = path
+        prep = manifest["preprocessing"]
+        self.task: str = manifest["task"]
+        self.labels: list[str] = list(manifest["labels"])
+        self.image_size: int = int(prep["image_size"])
+        self.channels: int = int(prep["channels"])
+        self.mean: list[float] = list(prep["mean"])
+        self.std: list[float] = list(prep["std"])
+        self.temperature: float = float(manifest.get("temperature", 1.0))
+        self.thresholds: list[float] = list(manifest.get("thresholds") or [0.5] * len(self.labels))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> Predictor:
+        """Load a checkpoint folder (or a run folder's best/) without unpickling anything."""
+        from medlens.models import create_model
+
+        apply_cpu_defaults()
+        folder = resolve_checkpoint(path)
+        manifest = read_manifest(folder)
+        spec = manifest["model"]
+        model = create_model(
+            spec["name"],
+            num_classes=int(spec["num_classes"]),
+            in_chans=int(spec["in_chans"]),
+            pretrained=False,
+            head=spec.get("head", "linear"),
+            head_hidden=spec.get("head_hidden", []),
+            head_dropout=float(spec.get("head_dropout", 0.0)),
+        )
+        try:
+            model.load_state_dict(load_weights(folder))
+        except RuntimeError as exc:
+            raise CheckpointError(f"{folder}: weights do not fit the model its manifest names ({exc})") from None
+        return cls(model, manifest, folder)
+
+    def read(self, source: ImageSource, name: str | None = None) -> np.ndarray:
+        return read_image(source, channels=self.channels, name=name)  # type: ignore[arg-type]
+
+    def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+        """float [0, 1] image -> the uint8 model-size image the cache would hold."""
+        resized = resize_image(pixels, self.image_size)
+        return np.rint(resized * 255.0).astype(np.uint8)
+
+    def to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Read images (float [0, 1]) -> the normalised model input batch."""
+        return self.prepared_tensor([self.preprocess(p) for p in images])
+
+    def prepared_tensor(self, prepared: Sequence[np.ndarray]) -> torch.Tensor:
+        """Already preprocessed uint8 images -> the normalised model input batch."""
+        x = to_input(np.stack(prepared), self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float()
+
+    def probabilities(self, x: torch.Tensor) -> np.ndarray:
+        return probabilities(self.logits(x), self.task, self.temperature).numpy()
+
+    def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Probabilities (N x K) for already-read images."""
+        return self.probabilities(self.to_tensor(images))
+
+    def predict_prepared(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
+        """Probabilities (N x K) for images already through :meth:`preprocess`."""
+        return self.probabilities(self.prepared_tensor(prepared))
+
+    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Probabilities (N x K) for image files, in batches."""
+        paths = list(paths)
+        out = np.zeros((len(paths), len(self.labels)), dtype=np.float32)
+        bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress)
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            out[start : start + len(chunk)] = self.predict_images([self.read(p) for p in chunk])
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def positives(self, probs: np.ndarray) -> list[str]:
+        """Labels named positive by the checkpoint's thresholds (multi-class: the top class)."""
+        if self.task == "multiclass":
+            return [self.labels[int(np.argmax(probs))]]
+        return [name for name, p, t in zip(self.labels, probs, self.thresholds, strict=True) if p >= t]

@@ -1,0 +1,61 @@
+"""The Predictor and batch prediction: same preprocessing as training, resumable CSV, bad files kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medlens.cli import main
+from medlens.config import load_config
+from medlens.data.cache import ImageCache
+from medlens.inference import Predictor
+from medlens.training.fit import train
+
+TINY = [
+    "model.name=tiny",
+    "data.image_size=48",
+    "data.phantoms.n=48",
+    "data.phantoms.size=64",
+    "train.batch_size=16",
+    "train.epochs=1",
+    "train.scheduler=none",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict") / "run"
+    train(load_config(None, TINY), out, progress=False)
+    return out
+
+
+def test_predictor_sees_what_training_saw(run):
+    predictor = Predictor.from_checkpoint(run)
+    cache = ImageCache(run / "cache")
+    path = cache.paths[0]
+    np.testing.assert_array_equal(predictor.preprocess(predictor.read(path)), cache[0])
+    probs = predictor.predict_paths([path, path])
+    assert probs.shape == (2, len(predictor.labels)) and np.all((probs >= 0) & (probs <= 1))
+    assert np.allclose(probs[0], probs[1])
+
+
+def test_predict_cli_is_resumable_and_keeps_bad_files(run, tmp_path, capsys):
+    images = sorted((run / "phantoms" / "images").glob("*.png"))[:6]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(run), str(folder / images[0].name), "--out", str(out)]) == 0
+    assert len(pd.read_csv(out)) == 1
+    assert main(["predict", str(run), str(folder), "--out", str(out), "--batch-size", "4"]) == 0
+    table = pd.read_csv(out)
+    assert len(table) == 7 and table["path"].is_unique  # the first image was not predicted twice
+    broken = table[table["path"].str.endswith("broken.png")].iloc[0]
+    assert "not a PNG" in broken["error"] and pd.isna(broken.filter(like="prob_")).all()
+    good = table[table["error"].isna()]
+    expected = Predictor.from_checkpoint(run).predict_paths(good["path"])
+    np.testing.assert_allclose(good.filter(like="prob_").to_numpy(), expected, atol=1e-5)
+    assert "wrote 6 rows" in capsys.readouterr().out
