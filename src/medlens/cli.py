@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(jobs)
     _add_evaluate(jobs)
     _add_predict(jobs)
+    _add_explain(jobs)
     _add_demo(jobs)
     _add_faces(jobs)
     return parser
@@ -165,6 +166,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"wrote {args.out / 'predictions.csv'} and {args.out / 'metrics.json'}")
     print(f"report: {result.report}")
     return 0
+
+
+def _add_explain(jobs: argparse._SubParsersAction) -> None:
+    from medlens.explain.cli import add_parser
+
+    add_parser(jobs)
 
 
 def _add_faces(jobs: argparse._SubParsersAction) -> None:

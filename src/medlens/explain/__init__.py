@@ -1,0 +1,1 @@
+"""Explanations: CAM heatmaps by name, overlays, and localisation scores against boxes and masks."""
