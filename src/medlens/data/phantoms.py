@@ -381,13 +381,13 @@ def _pick_point(inside: np.ndarray, margin: float, rng: np.random.Generator) -> 
 def _nodule(
     canvas: _Canvas, anatomy: _Anatomy, lung: np.ndarray, free: np.ndarray, side: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """A small round dense opacity, radius 3-6% of the image side."""
-    radius = rng.uniform(0.03, 0.06)
+    """A small round dense opacity, radius 3.5-6.5% of the image side."""
+    radius = rng.uniform(0.035, 0.065)
     center = _pick_point(free, canvas.px(radius) * 1.3, rng)
     axes = (radius * rng.uniform(0.88, 1.12), radius * rng.uniform(0.88, 1.12))
     nodule = canvas.ellipse(center, axes, rng.uniform(0, 180))
     soft = canvas.blur(nodule, radius * 0.2)
-    canvas.opaque(rng.uniform(0.3, 0.6) * soft * (0.85 + 0.3 * canvas.noise(rng, 24)))
+    canvas.opaque(rng.uniform(0.45, 0.75) * soft * (0.85 + 0.3 * canvas.noise(rng, 24)))
     canvas.density += 0.02 * soft
     return nodule
 
@@ -420,7 +420,7 @@ def _consolidation(
         if patch.sum() >= (0.05 * canvas.size) ** 2:
             break
     texture = 0.55 + 0.9 * canvas.noise(rng, 30)
-    canvas.opaque(rng.uniform(0.35, 0.6) * canvas.blur(patch, 0.008) * texture)
+    canvas.opaque(rng.uniform(0.45, 0.7) * canvas.blur(patch, 0.008) * texture)
     return patch
 
 

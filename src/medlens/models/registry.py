@@ -75,7 +75,12 @@ for _spec in (
         tokens=True, timm_kwargs=_VIT,
     ),
     BackboneSpec("resnet18", "resnet18", "layer4", "ResNet-18, a quick baseline"),
-    BackboneSpec("tiny", "resnet10t", "layer4", "ResNet-10-T at 128 px, the demo's CPU CNN", image_size=128),
+    # Output stride 16 (a dilated last stage) gives an 8x8 CAM grid at 128 px instead of 4x4: the demo's
+    # heatmaps must be able to point inside a nodule-sized box.
+    BackboneSpec(
+        "tiny", "resnet10t", "layer4", "ResNet-10-T at 128 px with output stride 16, the demo's CPU CNN",
+        image_size=128, timm_kwargs={"output_stride": 16},
+    ),
     BackboneSpec("test_resnet", "test_resnet", "layer4", "timm's test ResNet, for tests", image_size=64),
     BackboneSpec("test_efficientnet", "test_efficientnet", "bn2", "timm's test EfficientNet", image_size=64),
     BackboneSpec("test_convnext", "test_convnext", "stages.3", "timm's test ConvNeXt", image_size=64),
