@@ -118,7 +118,12 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 @pytest.mark.parametrize(
     ("config", "dataset"),
-    [("cxr4.yaml", "cxr4"), ("nih14.yaml", "nih14"), ("nih14-densenet121.yaml", "nih14")],
+    [
+        ("cxr4.yaml", "cxr4"),
+        ("nih14.yaml", "nih14"),
+        ("nih14-densenet121.yaml", "nih14"),
+        ("syndromes12.yaml", "faces-lfw15"),  # 15 people stand in for the 12 syndromes: RGB, MLP head
+    ],
 )
 def test_ready_configs_run_short_on_real_data(tmp_path, shared_data, config, dataset, capsys):
     run = tmp_path / "run"
@@ -135,5 +140,5 @@ def test_ready_configs_run_short_on_real_data(tmp_path, shared_data, config, dat
     assert main([*args, *[a for o in overrides for a in ("--set", o)]]) == 0
     manifest = read_manifest(run)
     assert manifest["labels"] == json.loads(json.dumps(manifest["labels"]))
-    assert len(manifest["labels"]) == (4 if dataset == "cxr4" else 14)
+    assert len(manifest["labels"]) == {"cxr4": 4, "nih14": 14, "faces-lfw15": 15}[dataset]
     assert "best epoch" in capsys.readouterr().out
