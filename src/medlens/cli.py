@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(jobs)
     _add_predict(jobs)
     _add_explain(jobs)
+    _add_serve(jobs)
     _add_demo(jobs)
     _add_faces(jobs)
     return parser
@@ -170,6 +171,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _add_explain(jobs: argparse._SubParsersAction) -> None:
     from medlens.explain.cli import add_parser
+
+    add_parser(jobs)
+
+
+def _add_serve(jobs: argparse._SubParsersAction) -> None:
+    from medlens.serve.cli import add_parser
 
     add_parser(jobs)
 

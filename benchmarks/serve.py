@@ -1,0 +1,243 @@
+"""What serving costs: latency and throughput of POST /predict next to the model's own batch-1 forward pass.
+
+Starts ``medlens.serve`` under uvicorn in a child process on 127.0.0.1 (a free port; loopback only) and
+uploads the same real NIH film (1024 x 1024 PNG) for ``--seconds`` per phase:
+
+- ``plain`` and ``cam``: 1 and ``--clients`` concurrent clients, without and with heatmaps;
+- ``p50_vs_forward``: the 1-client latency without heatmaps over the batch-1 forward pass the server
+  timed during those same requests (``timings_ms.forward``: the model alone, same process, same moment).
+  The forward pass is also timed in this process before and after that phase, the server idle, but on a
+  shared 2-core machine other jobs' load swings such separate timings by 10x or more (torch's two OpenMP
+  threads wait on each other whenever one loses its core), so they are printed for reference only.
+
+    .venv/bin/python benchmarks/serve.py [--checkpoint RUN] [--model resnet50] [--clients 4] [--seconds 20]
+
+Without ``--checkpoint`` a randomly initialised ``--model`` checkpoint with the 14 NIH labels at 224 px is
+written to a temporary folder (weights do not change the cost). Prints the machine, a table per phase and,
+as the very last line, one JSON object with ``p50_vs_forward`` (goal <= 1.25), ``errors`` and the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from medlens.inference import Predictor
+from medlens.models import create_model
+from medlens.runtime import apply_cpu_defaults
+from medlens.training.checkpoint import save_checkpoint
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+IMAGE = SHARED / "nih14" / "images" / "00000061_012.png"
+NIH_LABELS = [
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
+    "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+]  # fmt: skip
+HOST = "127.0.0.1"
+SERVER = """
+import sys, uvicorn
+from medlens.serve.app import create_app
+uvicorn.run(create_app(sys.argv[1]), host=sys.argv[2], port=int(sys.argv[3]), log_level="warning")
+"""
+
+
+def random_checkpoint(folder: Path, model_name: str, size: int) -> Path:
+    """A checkpoint with random weights: the cost of serving does not depend on what the weights learned."""
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=len(NIH_LABELS), in_chans=1, pretrained=False)
+    manifest = {
+        "task": "multilabel",
+        "labels": NIH_LABELS,
+        "model": {"name": model_name, "num_classes": len(NIH_LABELS), "in_chans": 1, "head": "linear"},
+        "preprocessing": {
+            "image_size": size, "channels": 1, "mean": list(model.mean), "std": list(model.std), "resize": "squash"
+        },
+        "data": {"source": "none: random weights for benchmarking", "kind": "none"},
+        "thresholds": [0.5] * len(NIH_LABELS),
+        "temperature": 1.0,
+        "metrics": {},
+    }  # fmt: skip
+    return save_checkpoint(folder / "best", model, manifest)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_up(base: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with code {server.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise SystemExit(f"the server did not answer {base}/health within {timeout:.0f} s")
+
+
+class Samples:
+    """Client-side latencies, the server's own step timings, and errors, from any number of threads."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.steps: dict[str, list[float]] = {}
+        self.errors = 0
+        self.lock = threading.Lock()
+
+    def post(self, http: httpx.Client, image: bytes, cam: bool) -> None:
+        start = time.perf_counter()
+        try:
+            response = http.post(f"/predict?cam={str(cam).lower()}", files={"file": ("film.png", image, "image/png")})
+            timings = response.json()["timings_ms"] if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError):
+            timings = None
+        elapsed = (time.perf_counter() - start) * 1e3
+        with self.lock:
+            if timings is None:
+                self.errors += 1
+                return
+            self.latencies.append(elapsed)
+            for step, ms in timings.items():
+                self.steps.setdefault(step, []).append(ms)
+
+    def summary(self, wall: float) -> dict[str, float]:
+        values = np.asarray(self.latencies or [float("nan")])
+        return {
+            "requests_per_s": round(len(self.latencies) / wall, 2),
+            "p50_ms": round(float(np.percentile(values, 50)), 1),
+            "p95_ms": round(float(np.percentile(values, 95)), 1),
+            "requests": len(self.latencies),
+            "errors": self.errors,
+            **{f"server_{step}_ms": round(statistics.median(ms), 1) for step, ms in self.steps.items()},
+        }
+
+
+def drive(base: str, image: bytes, clients: int, seconds: float, cam: bool) -> dict[str, float]:
+    """``clients`` threads posting ``image`` back to back for ``seconds``."""
+    samples = Samples()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=base, timeout=120.0) as http:
+            while time.monotonic() < deadline:
+                samples.post(http, image, cam)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    began = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return samples.summary(time.monotonic() - began)
+
+
+def forward_ms(predictor: Predictor, repeats: int = 15) -> float:
+    """Median batch-1 forward pass in this process, in ms, after the server has been idle for a second.
+
+    Idle first: OpenMP threads spin for a while after each parallel region, and the server's spinning
+    threads would otherwise slow this process down (and this one's the server).
+    """
+    x = predictor.to_tensor([predictor.read(IMAGE)])
+    time.sleep(1.0)
+    for _ in range(3):
+        predictor.probabilities(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.probabilities(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, help="run or checkpoint folder (default: a random --model)")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each load phase")
+    args = parser.parse_args()
+    if not IMAGE.is_file():
+        raise SystemExit(f"{IMAGE} is absent: the benchmark uploads a real NIH film from ../shared/data")
+
+    apply_cpu_defaults()
+    with tempfile.TemporaryDirectory(prefix="medlens-bench-") as scratch:
+        checkpoint = args.checkpoint or random_checkpoint(Path(scratch), args.model, args.size)
+        predictor = Predictor.from_checkpoint(checkpoint)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(
+            f"{platform.processor() or platform.machine()}, {cores} cores, python {platform.python_version()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average {load:.1f}"
+        )
+        print(
+            f"{predictor.manifest['model']['name']} at {predictor.image_size} px, {len(predictor.labels)} labels; "
+            f"upload {IMAGE.name} ({IMAGE.stat().st_size:,} bytes); {args.seconds:.0f} s per phase\n"
+        )
+        port = free_port()
+        base = f"http://{HOST}:{port}"
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(checkpoint), HOST, str(port)])
+        try:
+            wait_until_up(base, server)
+            image = IMAGE.read_bytes()
+            drive(base, image, 1, 2.0, cam=True)  # warm-up
+            before = forward_ms(predictor)
+            phases = {"plain_1": drive(base, image, 1, args.seconds, cam=False)}
+            time.sleep(1.0)
+            after = forward_ms(predictor)
+            for cam in (False, True):
+                for clients in sorted({1, args.clients}):
+                    name = f"{'cam' if cam else 'plain'}_{clients}"
+                    if name not in phases:
+                        phases[name] = drive(base, image, clients, args.seconds, cam)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    steps = ("read", "preprocess", "ood", "forward", "cam", "total")
+    print(f"{'phase':<8}{'clients':>8}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'errors':>7}   server medians, ms: "
+          + " / ".join(steps))  # fmt: skip
+    for name, figures in phases.items():
+        kind, clients = name.split("_")
+        server_steps = " / ".join(f"{figures.get(f'server_{step}_ms', float('nan')):.1f}" for step in steps)
+        print(
+            f"{kind:<8}{clients:>8}{figures['requests_per_s']:>8.2f}{figures['p50_ms']:>9.1f}{figures['p95_ms']:>9.1f}"
+            f"{figures['errors']:>7}   {server_steps}"
+        )
+    single = phases["plain_1"]
+    forward = single["server_forward_ms"]
+    print(
+        f"\nbatch-1 forward pass: {forward:.1f} ms in the server during the 1-client phase (median); "
+        f"{before:.1f} ms before it and {after:.1f} ms after it in this process, the server idle"
+    )
+    summary = {
+        "p50_vs_forward": round(single["p50_ms"] / forward, 3),
+        "errors": sum(figures["errors"] for figures in phases.values()),
+        "forward_ms": forward,
+        "forward_ms_here_before": round(before, 1),
+        "forward_ms_here_after": round(after, 1),
+        **{f"{name}_{key}": value for name, figures in phases.items() for key, value in figures.items()},
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The HTTP app, kept thin: the model loads once in the lifespan; handlers parse, call it, serialise.
+
+``GET /health`` (never needs a token), ``GET /model``, ``POST /predict`` and the page at ``GET /``.
+With a token, ``/model``, ``/predict`` and ``/openapi.json`` need ``Authorization: Bearer TOKEN`` and
+``/docs`` is off (the page itself is a static shell that holds no data, so it stays public, as does
+``/health``).
+Uploads are read into memory with a size cap and never written to disk; nothing logged carries image
+bytes, file names or DICOM patient fields. Every failure answers JSON ``{"error", "detail"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medlens.errors import ImageReadError
+from medlens.serve.schemas import ErrorResponse, Health, Limits, ModelInfo, Prediction
+from medlens.serve.service import SERVED_CAM_METHODS, PredictOptions, ServedModel, load_served_model
+from medlens.serve.uploads import RequestError, file_field
+from medlens.training.checkpoint import resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+UPLOAD_SECONDS = 60.0
+"""An upload must arrive within this time: a stalled client gets 408 instead of holding a request open."""
+DEFAULT_MAX_PIXELS = 16_000_000
+"""Enough for any chest film (a 4,000 x 4,000 detector); a larger image would cost seconds and gigabytes."""
+
+CamMethod = Enum("CamMethod", {name: name for name in SERVED_CAM_METHODS}, type=str)  # type: ignore[misc]
+DEFAULT_METHOD = CamMethod("gradcam")
+BEARER = HTTPBearer(auto_error=False, description="the token the server was started with")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "no file field, or a malformed form"),
+        (401, "missing or wrong bearer token"),
+        (408, "the upload did not arrive in time"),
+        (413, "upload over the size limit"),
+        (415, "not multipart/form-data"),
+        (422, "unreadable image, no face (face models) or invalid query"),
+    )
+}
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary", "description": "PNG, JPEG or DICOM"}},
+            }
+        }
+    },
+}
+
+
+class RequestTooLarge(RequestError):
+    def __init__(self, limit: int):
+        super().__init__(413, "upload_too_large", f"the upload is over the limit of {limit:,} bytes")
+
+
+def create_app(
+    checkpoint: str | Path,
+    token: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> FastAPI:
+    """The app serving ``checkpoint`` (a checkpoint or run folder), which loads when the app starts."""
+    folder = resolve_checkpoint(checkpoint)  # fail now, not at the first request, on a wrong path
+    limits = Limits(max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.model = load_served_model(folder, limits)
+        log.info("serving %s (%d labels)", folder, len(app.state.model.labels))
+        yield
+        app.state.model.close()
+        app.state.model = None
+
+    secured = token is not None
+    app = FastAPI(
+        title="medlens",
+        summary="Chest X-ray findings with heatmaps. For research only, not for diagnosis.",
+        lifespan=lifespan,
+        openapi_url=None if secured else "/openapi.json",
+        docs_url=None if secured else "/docs",
+        redoc_url=None,
+    )
+    app.state.model = None
+    app.state.token = token
+    app.state.limits = limits
+    _add_error_handlers(app)
+    _add_routes(app, authorize if secured else _open)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _open() -> None:
+    """No token configured: every endpoint is open."""
+
+
+def authorize(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+    """Require ``Authorization: Bearer <token>``, compared in constant time."""
+    expected: str = request.app.state.token
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise StarletteHTTPException(401, "send the server's token as Authorization: Bearer <token>")
+
+
+def served_model(request: Request) -> ServedModel:
+    model: ServedModel | None = request.app.state.model
+    if model is None:
+        raise StarletteHTTPException(503, "the model is not loaded yet; retry in a moment")
+    return model
+
+
+async def upload(request: Request) -> bytes:
+    """The request body, read into memory and refused as soon as it passes the limit or the time."""
+    limit: int = request.app.state.limits.max_upload_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(limit)
+    body = bytearray()
+    try:
+        async with asyncio.timeout(UPLOAD_SECONDS):
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise RequestTooLarge(limit)
+    except TimeoutError:
+        raise RequestError(408, "upload_timeout", f"the upload did not arrive within {UPLOAD_SECONDS:.0f} s") from None
+    return bytes(body)
+
+
+def _add_routes(app: FastAPI, guard: Any) -> None:
+    @app.get("/health", response_model=Health, tags=["service"])
+    def health(request: Request) -> Health:
+        loaded = request.app.state.model is not None
+        return Health(status="ok" if loaded else "starting", model_loaded=loaded)
+
+    @app.get(
+        "/model", response_model=ModelInfo, responses={401: ERRORS[401]}, dependencies=[Depends(guard)], tags=["model"]
+    )
+    def model_info(model: Annotated[ServedModel, Depends(served_model)]) -> ModelInfo:
+        return model.info()
+
+    @app.post(
+        "/predict",
+        response_model=Prediction,
+        responses=ERRORS,
+        dependencies=[Depends(guard)],
+        openapi_extra={"requestBody": UPLOAD_BODY},
+        tags=["model"],
+    )
+    def predict(
+        request: Request,
+        model: Annotated[ServedModel, Depends(served_model)],
+        body: Annotated[bytes, Depends(upload)],
+        cam: Annotated[bool, Query(description="draw heatmaps")] = True,
+        method: Annotated[CamMethod, Query(description="CAM method")] = DEFAULT_METHOD,
+        labels: Annotated[
+            str | None, Query(description="comma-separated labels to explain (default: the positive ones)")
+        ] = None,
+    ) -> Prediction:
+        """Findings for one PNG, JPEG or DICOM image (multipart field ``file``), with heatmaps."""
+        data = file_field(body, request.headers.get("content-type"))
+        options = PredictOptions(cam=cam, method=method.value, explain=_labels(labels, model.labels))
+        prediction = model.predict(data, options)
+        log.info(
+            "predicted a %s of %dx%d in %.0f ms%s",
+            prediction.image.format,
+            prediction.image.width,
+            prediction.image.height,
+            prediction.timings_ms.total,
+            " (flagged: not a chest X-ray)" if prediction.ood and prediction.ood.flag else "",
+        )
+        return prediction
+
+    if app.openapi_url is None:
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(guard)])
+        def openapi() -> dict[str, Any]:
+            return app.openapi()
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+
+def _labels(text: str | None, known: list[str]) -> tuple[str, ...]:
+    if text is None or not text.strip():
+        return ()
+    asked = tuple(dict.fromkeys(label.strip() for label in text.split(",") if label.strip()))
+    unknown = [label for label in asked if label not in known]
+    if unknown:
+        raise RequestError(
+            422, "invalid_query", f"unknown label(s) {', '.join(map(repr, unknown))}; choose from {', '.join(known)}"
+        )
+    return asked
+
+
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=code, detail=detail).model_dump(), status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def upload_error(request: Request, exc: RequestError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(ImageReadError)
+    async def unreadable(request: Request, exc: ImageReadError) -> JSONResponse:
+        # The problem only: the source label is the client's file name, which may name the patient.
+        return _error(422, "unreadable_image", exc.problem)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{' '.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        return _error(422, "invalid_query", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 503: "not_ready"}
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return _error(exc.status_code, code.get(exc.status_code, "http_error"), str(exc.detail), headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # The type only: a message or traceback could quote the upload.
+        log.error("internal error %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        return _error(500, "internal_error", "the server failed on this request; see its log")

@@ -1,0 +1,146 @@
+"""A tiny trained checkpoint, clients of the app over it, and a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from medlens.config import load_config
+from medlens.serve.app import create_app
+from medlens.training.fit import train
+
+TOKEN = "s3cret-token"
+TINY = [
+    "model.name=tiny",
+    "data.image_size=64",
+    "data.phantoms.n=64",
+    "data.phantoms.size=128",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.optimizer=adam",
+    "train.scheduler=none",
+]
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch multi-label run on phantoms: its best/ checkpoint and its phantom images."""
+    run = tmp_path_factory.mktemp("serve") / "run"
+    train(load_config(None, TINY), run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def xray_png(run_dir: Path) -> bytes:
+    """A phantom chest X-ray the checkpoint was trained on (grey PNG that passes the X-ray guard)."""
+    return sorted((run_dir / "phantoms").rglob("*.png"))[0].read_bytes()
+
+
+@pytest.fixture(scope="session")
+def client(run_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(run_dir)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def token() -> str:
+    return TOKEN
+
+
+@pytest.fixture(scope="session")
+def secured_client(run_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(run_dir, token=TOKEN)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def live_server(run_dir: Path) -> Iterator[str]:
+    """The app under a real uvicorn on 127.0.0.1 (a free port), in a thread; yields its base URL.
+
+    ``log_config=None`` leaves uvicorn's loggers propagating to the root logger, so caplog sees them.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(create_app(run_dir), host="127.0.0.1", port=port, log_config=None, log_level="debug")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start within 30 s")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    logging.getLogger("uvicorn.error").setLevel(logging.NOTSET)
+
+
+@pytest.fixture(scope="session")
+def encode() -> Callable[..., bytes]:
+    """``encode(pixels, "PNG" | "JPEG")``: uint8 pixels as image bytes."""
+    return _encode
+
+
+@pytest.fixture(scope="session")
+def make_dicom() -> Callable[..., bytes]:
+    """``make_dicom(pixels, frames=1, patient_name=..., patient_id=...)``: DICOM bytes."""
+    return _make_dicom
+
+
+def _encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _make_dicom(
+    pixels: np.ndarray,
+    frames: int = 1,
+    patient_name: str = "CANARY^SECRET",
+    patient_id: str = "CANARY-ID-4711",
+) -> bytes:
+    """A small uncompressed MONOCHROME2 DICOM (uint16) with patient fields that must never leak."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19010203"
+    ds.Modality = "DX"
+    ds.ViewPosition = "PA"
+    ds.BodyPartExamined = "CHEST"
+    stack = np.stack([pixels] * frames).astype(np.uint16) * 16
+    ds.Rows, ds.Columns = pixels.shape
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = (stack if frames > 1 else stack[0]).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

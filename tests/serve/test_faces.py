@@ -1,0 +1,52 @@
+"""A face-embedding checkpoint behind the same app: top-k classes, occlusion heatmaps, no X-ray guard."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from medlens.serve.app import create_app
+
+PEOPLE = ("Tony_Blair", "Serena_Williams", "Colin_Powell")
+
+
+@pytest.fixture(scope="module")
+def face_client(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("dlib", reason="face checkpoints need dlib: pip install dlib-bin face-recognition-models")
+    from medlens.faces.pipeline import train_face_head
+
+    root = tmp_path_factory.mktemp("faces")
+    for person in PEOPLE:  # symlinks: nothing from ../shared is copied
+        (root / "photos" / person).mkdir(parents=True)
+        for photo in sorted((shared_data / "faces-lfw15" / person).glob("*.jpg"))[:6]:
+            (root / "photos" / person / photo.name).symlink_to(photo)
+    train_face_head(root / "photos", root / "run", head="logistic", progress=False)
+    with TestClient(create_app(root / "run")) as client:
+        yield client
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_face_checkpoint_answers_top_k_without_the_xray_guard(face_client: TestClient, shared_data: Path):
+    info = face_client.get("/model").json()
+    assert info["kind"] == "face-embedding" and sorted(info["labels"]) == sorted(PEOPLE)
+    assert info["ood_guard"] is False and info["input"] is None and info["cam_methods"] == ["occlusion"]
+    photo = sorted((shared_data / "faces-lfw15" / "Serena_Williams").glob("*.jpg"))[-1].read_bytes()
+    body = face_client.post("/predict", files={"file": ("face.jpg", photo)}).json()
+    assert body["kind"] == "face-embedding" and body["ood"] is None
+    assert [f["label"] for f in body["top_k"]] == [f["label"] for f in body["findings"]][:3]
+    assert body["positives"] == [body["findings"][0]["label"]] and body["findings"][0]["threshold"] is None
+    (heatmap,) = body["heatmaps"]
+    assert heatmap["label"] == body["positives"][0] and heatmap["method"] == "occlusion"
+    assert Image.open(io.BytesIO(base64.b64decode(heatmap["png_base64"]))).size == (heatmap["width"], heatmap["height"])
+    chosen = face_client.post("/predict?labels=Colin_Powell", files={"file": ("face.jpg", photo)}).json()
+    assert [h["label"] for h in chosen["heatmaps"]] == ["Colin_Powell"]
+    xray = sorted((shared_data / "nih14" / "images").glob("*.png"))[0].read_bytes()
+    response = face_client.post("/predict", files={"file": ("film.png", xray)})
+    assert response.status_code == 422 and response.json()["error"] == "no_face"
+    assert "no face found" in response.json()["detail"]
