@@ -149,6 +149,17 @@ def drive(base: str, image: bytes, clients: int, seconds: float, cam: bool) -> d
     return samples.summary(time.monotonic() - began)
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (Linux /proc), NaN where that is not readable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def forward_ms(predictor: Predictor, repeats: int = 15) -> float:
     """Median batch-1 forward pass in this process, in ms, after the server has been idle for a second.
 
@@ -199,6 +210,7 @@ def main() -> None:
             wait_until_up(base, server)
             image = IMAGE.read_bytes()
             drive(base, image, 1, 2.0, cam=True)  # warm-up
+            rss_start = rss_mb(server.pid)
             before = forward_ms(predictor)
             phases = {"plain_1": drive(base, image, 1, args.seconds, cam=False)}
             time.sleep(1.0)
@@ -208,6 +220,7 @@ def main() -> None:
                     name = f"{'cam' if cam else 'plain'}_{clients}"
                     if name not in phases:
                         phases[name] = drive(base, image, clients, args.seconds, cam)
+            rss_end = rss_mb(server.pid)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -228,8 +241,11 @@ def main() -> None:
         f"\nbatch-1 forward pass: {forward:.1f} ms in the server during the 1-client phase (median); "
         f"{before:.1f} ms before it and {after:.1f} ms after it in this process, the server idle"
     )
+    growth = 100 * (rss_end - rss_start) / rss_start
+    print(f"server memory: {rss_start:.0f} MB after warm-up, {rss_end:.0f} MB after every phase ({growth:+.1f}%)")
     summary = {
         "p50_vs_forward": round(single["p50_ms"] / forward, 3),
+        "memory_growth_pct": round(growth, 2),
         "errors": sum(figures["errors"] for figures in phases.values()),
         "forward_ms": forward,
         "forward_ms_here_before": round(before, 1),
