@@ -36,9 +36,7 @@ def _png(path, value=128):
 
 def _write_nih(folder, rows, images=True):
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"{img},{findings},0,{pid},50,M,{view},2000,2000,0.14,0.14\n" for img, findings, pid, view in rows
-    ]
+    lines = [f"{img},{findings},0,{pid},50,M,{view},2000,2000,0.14,0.14\n" for img, findings, pid, view in rows]
     (folder / "Data_Entry_2017_v2020.csv").write_text(NIH_HEADER + "".join(lines))
     if images:
         for img, *_ in rows:
@@ -51,9 +49,9 @@ def test_class_folders_with_metadata_join_patient_ids(tmp_path):
         _png(tmp_path / "alpha" / name)
     _png(tmp_path / "beta" / "b1.png")
     (tmp_path / "beta" / "notes.txt").write_text("not an image")
-    pd.DataFrame(
-        {"path": ["alpha/a1.png", "alpha/a2.png"], "patient_id": ["p1", "p1"], "view": ["PA", "AP"]}
-    ).to_csv(tmp_path / "metadata.csv", index=False)
+    pd.DataFrame({"path": ["alpha/a1.png", "alpha/a2.png"], "patient_id": ["p1", "p1"], "view": ["PA", "AP"]}).to_csv(
+        tmp_path / "metadata.csv", index=False
+    )
     table = load_source(tmp_path)
     assert table.kind == "folder" and table.task == "multiclass"
     assert table.label_names == ["alpha", "beta"]

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import METRICS_JSON_KEYS
 from scipy.special import expit, softmax
 from sklearn.metrics import (
     average_precision_score,
@@ -18,25 +19,6 @@ from sklearn.metrics import (
 )
 
 from medlens.evaluation import metrics as M
-
-METRICS_JSON_KEYS = {
-    "task",
-    "labels",
-    "n_images",
-    "n_patients",
-    "auc",
-    "auc_ci",
-    "auc_summary",
-    "ap",
-    "accuracy",
-    "balanced_accuracy",
-    "top_k",
-    "ece",
-    "thresholds",
-    "per_class",
-    "subgroups",
-    "n_resamples",
-}
 
 
 def multilabel_data(rng: np.random.Generator, n: int = 400, k: int = 5, unknown: float = 0.15):
@@ -145,9 +127,7 @@ def test_multiclass_numbers_match_sklearn():
     y, p, classes = multiclass_data(np.random.default_rng(4), k=6)
     out = M.multiclass_metrics(y, p, names(6), top_k=(1, 3, 5, 6))
     predicted = p.argmax(axis=1)
-    report = classification_report(
-        classes, predicted, labels=range(6), output_dict=True, zero_division=np.nan
-    )
+    report = classification_report(classes, predicted, labels=range(6), output_dict=True, zero_division=np.nan)
     for c, name in enumerate(names(6)):
         row = out["per_class"][name]
         assert row["precision"] == pytest.approx(report[str(c)]["precision"])
@@ -214,9 +194,7 @@ def test_fast_auc_ci_equals_the_generic_bootstrap_with_sklearn():
     patients = rng.integers(0, 120, 300).astype(str)
     fast = M.auc_ci(y, p, patients, n_resamples=200, seed=11)
     for j in range(3):
-        generic = M.bootstrap_ci(
-            lambda yy, pp, j=j: column_auc(yy, pp, j), y, p, patients, n_resamples=200, seed=11
-        )
+        generic = M.bootstrap_ci(lambda yy, pp, j=j: column_auc(yy, pp, j), y, p, patients, n_resamples=200, seed=11)
         assert fast[j] == pytest.approx(generic)
 
 
@@ -386,9 +364,7 @@ def test_multiclass_subgroups():
     frame = pd.DataFrame({"source": np.where(np.arange(100) % 2 == 0, "a", "b")})
     out = M.subgroup_metrics(frame, ["source"], "multiclass", y, p, names(4))
     even = slice(0, None, 2)
-    assert out["source"]["a"]["metrics"]["accuracy"] == pytest.approx(
-        (p[even].argmax(1) == classes[even]).mean()
-    )
+    assert out["source"]["a"]["metrics"]["accuracy"] == pytest.approx((p[even].argmax(1) == classes[even]).mean())
     with pytest.raises(ValueError, match="one row per image"):
         M.subgroup_metrics(frame.iloc[:10], ["source"], "multiclass", y, p, names(4))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import CHROMIUM_FLAGS, METRICS_JSON_KEYS, short_real_run, tiny_run
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -26,34 +27,7 @@ from medlens.evaluation.metrics import evaluate_predictions, reliability_curve
 from medlens.evaluation.report import RESEARCH_NOTICE, ReportInputs, write_report
 
 REPO = Path(__file__).resolve().parents[2]
-METRICS_JSON_KEYS = {
-    "task",
-    "labels",
-    "n_images",
-    "n_patients",
-    "auc",
-    "auc_ci",
-    "auc_summary",
-    "ap",
-    "accuracy",
-    "balanced_accuracy",
-    "top_k",
-    "ece",
-    "thresholds",
-    "per_class",
-    "subgroups",
-}
-TINY = [
-    "model.name=tiny",
-    "data.image_size=48",
-    "data.phantoms.n=64",
-    "data.phantoms.size=64",
-    "train.batch_size=16",
-    "train.optimizer=adam",
-    "train.lr=1e-3",
-    "train.scheduler=none",
-    "train.epochs=1",
-]
+TINY = tiny_run("train.epochs=1")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -304,14 +278,7 @@ def test_chromium_renders_the_report(phantom_evaluation, tmp_path):
     shot = tmp_path / "report.png"
     command = [
         CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *CHROMIUM_FLAGS,
         f"--user-data-dir={tmp_path / 'profile'}",
         f"--screenshot={shot}",
         "--window-size=1280,2400",
@@ -329,15 +296,7 @@ def test_chromium_renders_the_report(phantom_evaluation, tmp_path):
 @pytest.mark.parametrize(("config", "dataset"), [("cxr4.yaml", "cxr4"), ("nih14.yaml", "nih14")])
 def test_evaluate_real_data(tmp_path, shared_data, config, dataset, capsys):
     run, out, source = tmp_path / "run", tmp_path / "evaluation", shared_data / dataset
-    overrides = [
-        "model.name=tiny",
-        "model.strategy=full",
-        "model.last_n=0",
-        "data.image_size=64",
-        "train.epochs=1",
-        f"data.source={source}",
-        f"data.cache={tmp_path / 'cache'}",
-    ]
+    overrides = short_real_run(source, tmp_path / "cache")
     assert main(["train", str(REPO / "configs" / config), "--out", str(run), *_sets(overrides)]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(run), "--data", str(source), "--out", str(out), "--resamples", "200"]) == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import short_real_run, tiny_run
 from PIL import Image
 
 from medlens.config import load_config
@@ -21,15 +22,7 @@ from medlens.explain.run import explain_images, score_demo
 from medlens.training.fit import train
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.name=tiny",
-    "data.image_size=64",
-    "data.phantoms.n=64",
-    "data.phantoms.size=96",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.scheduler=none",
-]
+TINY = tiny_run("data.image_size=64", "data.phantoms.size=96", "train.epochs=1")
 
 
 def _cli(argv: list[str]) -> int:
@@ -122,15 +115,7 @@ def test_score_demo_scores_the_test_split_against_the_masks(phantom_run):
 def test_real_nih_boxes_are_scored(shared_data, tmp_path, capsys):
     nih = shared_data / "nih14"
     run = tmp_path / "run"
-    overrides = [
-        "model.name=tiny",
-        "model.strategy=full",
-        "model.last_n=0",
-        "data.image_size=64",
-        "train.epochs=1",
-        f"data.source={nih}",
-        f"data.cache={tmp_path / 'cache'}",
-    ]
+    overrides = short_real_run(nih, tmp_path / "cache")
     train(load_config(REPO / "configs" / "nih14.yaml", overrides), run, progress=False)
     boxes = read_nih_boxes(nih / "BBox_List_2017.csv")
     images = [nih / "images" / name for name in boxes["image"].unique()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import tiny_run
 
 from medlens.cli import main
 from medlens.config import load_config
@@ -12,15 +13,7 @@ from medlens.data.cache import ImageCache
 from medlens.inference import Predictor
 from medlens.training.fit import train
 
-TINY = [
-    "model.name=tiny",
-    "data.image_size=48",
-    "data.phantoms.n=48",
-    "data.phantoms.size=64",
-    "train.batch_size=16",
-    "train.epochs=1",
-    "train.scheduler=none",
-]
+TINY = tiny_run("data.phantoms.n=48", "train.epochs=1")
 
 
 @pytest.fixture(scope="module")

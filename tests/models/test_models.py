@@ -126,8 +126,12 @@ def test_param_groups_hold_only_trainable_parameters():
 
 @pytest.mark.parametrize(
     ("strategy", "last_n", "match"),
-    [("partial", 0, "head, full, last_n"), ("last_n", 0, "between 1 and 5"), ("last_n", 9, "between 1 and 5"),
-     ("full", 2, "only applies")],
+    [
+        ("partial", 0, "head, full, last_n"),
+        ("last_n", 0, "between 1 and 5"),
+        ("last_n", 9, "between 1 and 5"),
+        ("full", 2, "only applies"),
+    ],
 )
 def test_bad_strategies_say_what_is_valid(strategy, last_n, match):
     assert set(STRATEGIES) == {"head", "full", "last_n"}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from helpers import tiny_run
 from PIL import Image
 
 from medlens.config import load_config
@@ -21,16 +22,7 @@ from medlens.serve.app import create_app
 from medlens.training.fit import train
 
 TOKEN = "s3cret-token"
-TINY = [
-    "model.name=tiny",
-    "data.image_size=64",
-    "data.phantoms.n=64",
-    "data.phantoms.size=128",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.optimizer=adam",
-    "train.scheduler=none",
-]
+TINY = tiny_run("data.image_size=64", "data.phantoms.size=128", "train.epochs=1")
 
 
 @pytest.fixture(scope="session")

@@ -44,9 +44,7 @@ def test_round_trip_with_manifest_and_training_state(tmp_path):
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    good = ckpt.save_checkpoint(
-        tmp_path / "best", _model(0), {"labels": ["a"], "model": {"name": "x"}, "v": 1}
-    )
+    good = ckpt.save_checkpoint(tmp_path / "best", _model(0), {"labels": ["a"], "model": {"name": "x"}, "v": 1})
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

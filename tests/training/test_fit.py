@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import short_real_run, tiny_run
 
 from medlens.cli import main
 from medlens.config import load_config
@@ -19,16 +20,7 @@ from medlens.training.checkpoint import load_weights, read_manifest
 from medlens.training.fit import train
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.name=tiny",
-    "data.image_size=48",
-    "data.phantoms.n=64",
-    "data.phantoms.size=64",
-    "train.batch_size=16",
-    "train.optimizer=adam",
-    "train.lr=1e-3",
-    "train.scheduler=none",
-]
+TINY = tiny_run()
 
 
 def _config(*extra: str, task: str = "multilabel"):
@@ -127,15 +119,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
 )
 def test_ready_configs_run_short_on_real_data(tmp_path, shared_data, config, dataset, capsys):
     run = tmp_path / "run"
-    overrides = [
-        "model.name=tiny",
-        "model.strategy=full",
-        "model.last_n=0",
-        "data.image_size=64",
-        "train.epochs=1",
-        f"data.source={shared_data / dataset}",
-        f"data.cache={tmp_path / 'cache'}",
-    ]
+    overrides = short_real_run(shared_data / dataset, tmp_path / "cache")
     args = ["train", str(REPO / "configs" / config), "--out", str(run)]
     assert main([*args, *[a for o in overrides for a in ("--set", o)]]) == 0
     manifest = read_manifest(run)

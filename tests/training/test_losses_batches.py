@@ -36,9 +36,7 @@ def test_cross_entropy_with_class_weights_and_smoothing():
     labels = np.eye(3, dtype=np.float32)[[0, 0, 0, 1, 2, 2]]
     loss_fn = make_loss("multiclass", labels, pos_weighting=True, use_class_weights=True, label_smoothing=0.1)
     logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
-    expected = F.cross_entropy(
-        logits, torch.tensor([0, 0, 0, 1, 2, 2]), weight=loss_fn.weight, label_smoothing=0.1
-    )
+    expected = F.cross_entropy(logits, torch.tensor([0, 0, 0, 1, 2, 2]), weight=loss_fn.weight, label_smoothing=0.1)
     assert loss_fn(logits, torch.from_numpy(labels)).item() == pytest.approx(expected.item())
     assert loss_fn.weight[1] > loss_fn.weight[0]
 
@@ -47,10 +45,7 @@ def test_probabilities_per_task():
     logits = torch.tensor([[0.0, 2.0]])
     np.testing.assert_allclose(probabilities(logits, "multilabel").numpy(), torch.sigmoid(logits).numpy())
     assert probabilities(logits, "multiclass").sum().item() == pytest.approx(1.0)
-    assert (
-        probabilities(logits, "multiclass", temperature=100.0)[0, 1]
-        < probabilities(logits, "multiclass")[0, 1]
-    )
+    assert probabilities(logits, "multiclass", temperature=100.0)[0, 1] < probabilities(logits, "multiclass")[0, 1]
 
 
 def test_epoch_order_is_seeded_and_shards_cover_everything():
