@@ -158,7 +158,21 @@ def _add_evaluate(jobs: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=_evaluate)
 
 
+def _is_face_checkpoint(path: Path) -> bool:
+    from medlens.training.checkpoint import read_manifest
+
+    return read_manifest(path).get("kind") == "face-embedding"
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    if _is_face_checkpoint(args.checkpoint):
+        from medlens.evaluation.evaluate import format_metrics
+        from medlens.faces.pipeline import evaluate_faces
+
+        metrics = evaluate_faces(args.checkpoint, args.out, args.source, args.split, n_resamples=args.resamples)
+        print(format_metrics(metrics))
+        print(f"{metrics['n_no_face']} photos without a face left out; wrote {args.out}/metrics.json, predictions.csv")
+        return 0
     from medlens.evaluation.evaluate import evaluate, format_metrics
 
     result = evaluate(args.checkpoint, args.out, args.source, args.split, n_resamples=args.resamples)
@@ -200,6 +214,12 @@ def _predict(args: argparse.Namespace) -> int:
     from medlens.inference import Predictor
     from medlens.predict import predict_to_csv
 
+    if _is_face_checkpoint(args.checkpoint):
+        from medlens.faces.pipeline import predict_faces_to_csv
+
+        written = predict_faces_to_csv(args.checkpoint, args.inputs, args.out)
+        print(f"wrote {written} rows to {args.out}")
+        return 0
     written = predict_to_csv(Predictor.from_checkpoint(args.checkpoint), args.inputs, args.out, args.batch_size)
     print(f"wrote {written} rows to {args.out}")
     return 0

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from medlens.cli import main
 from medlens.errors import CheckpointError, ConfigError
 from medlens.faces.cli import add_parser
 from medlens.faces.detect import NoFaceError
@@ -16,6 +18,7 @@ from medlens.faces.heads import UnknownClassError
 from medlens.faces.pipeline import (
     FACE_KIND,
     FacePredictor,
+    evaluate_faces,
     is_face_config,
     load_face_config,
     train_face_head,
@@ -42,7 +45,7 @@ def svm_run(lfw, lfw_batch, face_cache, tmp_path_factory):
 def test_training_writes_a_self_describing_checkpoint_and_metrics(svm_run):
     result, out = svm_run
     assert result.checkpoint == out / "best"
-    assert sorted(p.name for p in out.iterdir()) == ["best", "metrics.json", "predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["best", "metrics.json", "predictions.csv", "splits.csv"]
     manifest = json.loads((out / "best" / "manifest.json").read_text())
     assert manifest["task"] == "multiclass" and manifest["kind"] == FACE_KIND
     assert manifest["model"]["head"] == "svm" and len(manifest["labels"]) == 15
@@ -135,3 +138,26 @@ def test_cli_embed_train_predict_explain(tiny_faces, face_cache, lfw, tmp_path, 
     png = tmp_path / "map.png"
     assert _cli(["faces", "explain", str(run), str(photo), "--out", str(png), "--patch", "75", "--stride", "75"]) == 0
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_evaluate_and_predict_commands_accept_a_face_checkpoint(
+    svm_run, lfw, shared_data, face_cache, tmp_path, capsys
+):
+    _, out = svm_run
+    split = pd.read_csv(out / "splits.csv")
+    assert set(split["split"]) == {"train", "test"} and split.groupby("patient_id")["split"].nunique().max() == 1
+    metrics = evaluate_faces(out, tmp_path / "eval", cache_dir=face_cache, n_resamples=50, progress=False)
+    assert metrics["n_images"] == (split["split"] == "test").sum()
+    assert metrics["accuracy"] >= 0.9 and {"top_3", "top_5"} <= set(metrics["top_k"])
+    assert len(metrics["confusion"]) == 15 and {"recall"} <= set(metrics["per_class"]["Tony_Blair"])
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "cli-eval"), "--resamples", "20"]) == 0
+    assert "without a face" in capsys.readouterr().out
+
+    photo = next((lfw / "Tony_Blair").glob("*.jpg"))
+    cat = shared_data / "face-probes" / "noface" / "chelsea.png"
+    csv = tmp_path / "faces.csv"
+    assert main(["predict", str(out), str(photo), str(cat), "--out", str(csv)]) == 0
+    rows = pd.read_csv(csv)
+    assert rows["top_class"].iloc[0] == "Tony_Blair" and rows["n_faces"].tolist() == [1, 0]
+    assert rows["error"].iloc[1] == "no face found"
+    assert abs(rows.filter(like="prob_").iloc[0].sum() - 1) < 1e-6

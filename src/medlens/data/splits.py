@@ -7,12 +7,14 @@ test. :func:`check_no_leakage` fails loudly if they ever do.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from medlens.data.records import NO_FINDING, RecordTable
 from medlens.errors import LeakageError
+from medlens.io import write_atomic
 
 Splits = dict[str, np.ndarray]
 
@@ -66,6 +68,22 @@ def _row_strata(table: RecordTable) -> np.ndarray:
     rarity = np.where(known, counts[None, :], np.iinfo(np.int64).max)
     rarest = np.argmin(rarity, axis=1)
     return np.where(known.any(axis=1), rarest, table.labels.shape[1])
+
+
+def write_splits(path: str | Path, table: RecordTable, splits: Mapping[str, np.ndarray]) -> None:
+    """Keep which image went to which split beside a run (``path, patient_id, split``)."""
+    rows = [(table.frame["path"].iat[i], table.patient_ids[i], name) for name, idx in splits.items() for i in idx]
+    write_atomic(Path(path), pd.DataFrame(rows, columns=["path", "patient_id", "split"]).to_csv(index=False))
+
+
+def read_splits(path: str | Path, table: RecordTable) -> Splits:
+    """Row positions per split, as :func:`write_splits` kept them, for the rows of ``table`` they name."""
+    saved = pd.read_csv(path, dtype=str)
+    where = {p: i for i, p in enumerate(table.frame["path"].astype(str))}
+    return {
+        name: np.array([where[p] for p in group["path"] if p in where], dtype=np.int64)
+        for name, group in saved.groupby("split")
+    }
 
 
 def check_no_leakage(table: RecordTable, splits: Mapping[str, Sequence[int] | np.ndarray]) -> None:

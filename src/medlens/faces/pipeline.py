@@ -27,7 +27,7 @@ import yaml
 from medlens.config import set_dotted
 from medlens.data.readers import ImageSource
 from medlens.data.records import load_source
-from medlens.data.splits import patient_split
+from medlens.data.splits import patient_split, read_splits, write_splits
 from medlens.errors import CheckpointError, ConfigError, DataSourceError
 from medlens.evaluation.metrics import multiclass_metrics, to_jsonable
 from medlens.faces.detect import DEFAULT_SETTINGS, Box, DetectorSettings, detect_face
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 FACE_KIND = "face-embedding"
 CHECKPOINT_DIR = "best"
 CACHE_DIR = "embedding-cache"
+SPLITS_FILE = "splits.csv"
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -196,6 +197,8 @@ def train_face_head(
     if missing:
         log.warning("no photo with a face in classes %s: the head cannot predict them", missing)
     split = patient_split(kept, {"train": 1.0 - test_fraction, "test": test_fraction}, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_splits(out_dir / SPLITS_FILE, kept, split)
     train, test = split["train"], split["test"]
     estimator.fit(embeddings[train], names[train])
     labels = [str(c) for c in estimator.classes_]
@@ -238,6 +241,82 @@ def train_face_head(
         "%s head: top-1 %.3f on %d held-out photos; checkpoint %s", head, metrics["accuracy"], len(test), checkpoint
     )
     return FaceTrainResult(checkpoint, summary)
+
+
+def evaluate_faces(
+    checkpoint: str | Path,
+    out: str | Path,
+    source: str | Path | None = None,
+    split: str | None = None,
+    cache_dir: str | Path | None = None,
+    n_resamples: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``medlens evaluate`` for a face checkpoint: the run's own ``split`` (default test) of its data, or a
+    whole other SOURCE; writes predictions.csv and metrics.json (top-1/3/5, per-class recall, confusion).
+
+    Photos without a face cannot be ranked: they are counted in ``n_no_face`` and left out of the metrics.
+    """
+    from medlens.evaluation.metrics import evaluate_predictions
+    from medlens.io import write_atomic
+
+    predictor = FacePredictor.from_checkpoint(checkpoint)
+    run_dir = predictor.path.parent if predictor.path is not None else Path(checkpoint)
+    trained_on = Path(predictor.manifest["data"]["source"]).resolve()
+    source_path = Path(source).resolve() if source is not None else trained_on
+    table = load_source(source_path)
+    if source_path == trained_on and (run_dir / SPLITS_FILE).is_file():
+        name = split or "test"
+        rows = read_splits(run_dir / SPLITS_FILE, table).get(name)
+        if rows is None or len(rows) == 0:
+            raise DataSourceError(f"{run_dir / SPLITS_FILE} has no {name!r} rows")
+        table = table.subset(rows)
+    elif split is not None:
+        raise DataSourceError(f"--split {split} needs the run's own data; {source_path} is not what it trained on")
+    table = table.relabel(predictor.labels)
+    probs, batch = predictor.predict_paths(table.paths, cache_dir or run_dir / CACHE_DIR, progress=progress)
+    found = batch.has_face
+    metrics = evaluate_predictions(
+        "multiclass",
+        table.labels[found],
+        probs[found],
+        predictor.labels,
+        table.patient_ids[found],
+        n_resamples=n_resamples,
+    )
+    metrics["n_no_face"] = int((~found).sum())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = table.frame.assign(patient_id=table.patient_ids)
+    frame["label"] = [
+        predictor.labels[j] if row.any() else ""
+        for row, j in zip(table.labels == 1, table.labels.argmax(1), strict=True)
+    ]
+    _write_predictions(out / "predictions.csv", frame, predictor.labels, np.nan_to_num(probs, nan=0.0))
+    write_atomic(out / "metrics.json", json.dumps(to_jsonable(metrics), indent=2))
+    return metrics
+
+
+def predict_faces_to_csv(
+    checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path, progress: bool = True
+) -> int:
+    """``medlens predict`` for a face checkpoint: one row per photo with every class's probability."""
+    from medlens.io import write_atomic
+    from medlens.predict import collect_images
+
+    predictor = FacePredictor.from_checkpoint(checkpoint)
+    paths = collect_images(inputs)
+    probs, batch = predictor.predict_paths(paths, progress=progress)
+    frame = pd.DataFrame({"path": [str(p) for p in paths]})
+    for j, label in enumerate(predictor.labels):
+        frame[f"prob_{label}"] = probs[:, j]
+    frame["top_class"] = [
+        predictor.labels[int(np.argmax(row))] if ok else "" for row, ok in zip(probs, batch.has_face, strict=True)
+    ]
+    frame["n_faces"] = batch.n_faces
+    frame["error"] = ["" if ok else "no face found" for ok in batch.has_face]
+    write_atomic(Path(out), frame.to_csv(index=False))
+    return len(frame)
 
 
 def _write_predictions(path: Path, frame: pd.DataFrame, labels: list[str], probs: np.ndarray) -> None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from medlens.config import PHANTOMS, Config
 from medlens.data.cache import ImageCache, build_cache
 from medlens.data.records import RecordTable, load_source
-from medlens.data.splits import check_no_leakage, patient_split, undersample
+from medlens.data.splits import check_no_leakage, patient_split, read_splits, undersample, write_splits
 from medlens.errors import ConfigError, MedlensError
 from medlens.io import write_atomic
 from medlens.runtime import apply_cpu_defaults, to_channels_last
@@ -101,17 +101,13 @@ def _load_table(config: Config, run_dir: Path, ctx: distributed.Dist) -> RecordT
 def _load_or_make_splits(config: Config, run_dir: Path, table: RecordTable, ctx: distributed.Dist) -> dict:
     path = run_dir / SPLITS_FILE
     if path.exists():
-        saved = pd.read_csv(path, dtype=str)
-        where = {p: i for i, p in enumerate(table.frame["path"].astype(str))}
-        splits = {
-            name: np.array([where[p] for p in group["path"]], dtype=np.int64) for name, group in saved.groupby("split")
-        }
+        splits = read_splits(path, table)
     else:
         val, test = config.data.val_fraction, config.data.test_fraction
         fractions = {"train": 1.0 - val - test, "val": val, "test": test}
         splits = patient_split(table, fractions, seed=config.train.seed)
         if ctx.is_main:
-            _write_splits(path, table, splits)
+            write_splits(path, table, splits)
     check_no_leakage(table, splits)
     if config.data.undersample:
         kept = undersample(
@@ -127,11 +123,6 @@ def _load_or_make_splits(config: Config, run_dir: Path, table: RecordTable, ctx:
     if len(splits.get("train", [])) == 0 or len(splits.get("val", [])) == 0:
         raise ConfigError(f"the split left no training or no validation images ({len(table)} images in all)")
     return splits
-
-
-def _write_splits(path: Path, table: RecordTable, splits: dict[str, np.ndarray]) -> None:
-    rows = [(table.frame["path"].iat[i], table.patient_ids[i], name) for name, idx in splits.items() for i in idx]
-    write_atomic(path, pd.DataFrame(rows, columns=["path", "patient_id", "split"]).to_csv(index=False))
 
 
 def build_model(config: Config, num_classes: int) -> nn.Module:
