@@ -161,3 +161,18 @@ def test_evaluate_and_predict_commands_accept_a_face_checkpoint(
     assert rows["top_class"].iloc[0] == "Tony_Blair" and rows["n_faces"].tolist() == [1, 0]
     assert rows["error"].iloc[1] == "no face found"
     assert abs(rows.filter(like="prob_").iloc[0].sum() - 1) < 1e-6
+
+
+def test_aligned_chips_feed_the_cnn_route(tiny_faces, shared_data, tmp_path, capsys):
+    aligned = tmp_path / "aligned"
+    assert main(["faces", "align", str(tiny_faces), "--out", str(aligned)]) == 0
+    assert "wrote 10 aligned chips" in capsys.readouterr().out
+    chips = sorted(aligned.glob("*/*.png"))
+    assert len(chips) == 10 and {p.parent.name for p in chips} == {"Tony_Blair", "Serena_Williams"}
+    assert pd.read_csv(aligned / "metadata.csv")["path"].tolist() == [str(p.relative_to(aligned)) for p in chips]
+    config = Path(__file__).resolve().parents[2] / "configs" / "syndromes12.yaml"
+    overrides = ["model.name=tiny", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
+                 "data.val_fraction=0.3", "data.test_fraction=0.2", f"data.source={aligned}"]  # fmt: skip
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert json.loads((run / "best" / "manifest.json").read_text())["labels"] == ["Serena_Williams", "Tony_Blair"]

@@ -45,6 +45,12 @@ def add_parser(jobs: argparse._SubParsersAction) -> None:
     explain.add_argument("--stride", type=int, default=15, help="patch step in chip pixels (default 15)")
     explain.set_defaults(handler=_explain)
 
+    align = sub.add_parser("align", help="aligned face chips in a folder per class, for the CNN route")
+    align.add_argument("source", help="folder of class folders (or a CSV with path, label, patient_id)")
+    align.add_argument("--out", required=True, type=Path, help="folder for <class>/<photo>.png + metadata.csv")
+    _detector_args(align)
+    align.set_defaults(handler=_align)
+
     embed = sub.add_parser("embed", help="compute and cache the embedding of every photo of a source")
     embed.add_argument("source", help="folder of class folders (or a CSV)")
     embed.add_argument("--cache", required=True, type=Path, help="embedding cache folder")
@@ -100,6 +106,14 @@ def _predict(args: argparse.Namespace) -> int:
             ranked = ", ".join(f"{label} {p:.3f}" for label, p in found.top_k)
             print(f"{image}: {ranked} ({found.n_faces} face{'s' if found.n_faces > 1 else ''})")
     return 1 if failed else 0
+
+
+def _align(args: argparse.Namespace) -> int:
+    from medlens.faces.pipeline import align_faces
+
+    written, no_face = align_faces(args.source, args.out, _settings(args))
+    print(f"wrote {written} aligned chips to {args.out} ({len(no_face)} photos without a face)")
+    return 0
 
 
 def _explain(args: argparse.Namespace) -> int:

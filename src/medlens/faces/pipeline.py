@@ -13,6 +13,7 @@ embedder and the held-out metrics. :class:`FacePredictor` needs nothing else.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,7 @@ from medlens.data.records import load_source
 from medlens.data.splits import patient_split, read_splits, write_splits
 from medlens.errors import CheckpointError, ConfigError, DataSourceError
 from medlens.evaluation.metrics import multiclass_metrics, to_jsonable
-from medlens.faces.detect import DEFAULT_SETTINGS, Box, DetectorSettings, detect_face
+from medlens.faces.detect import DEFAULT_SETTINGS, Box, DetectorSettings, NoFaceError, detect_face
 from medlens.faces.embed import EMBEDDER, EMBEDDING_SIZE, EmbeddingBatch, embed_face, embed_paths
 from medlens.faces.heads import UnknownClassError, create_head, load_head, save_head, top_k
 from medlens.faces.occlusion import explanation_image, occlusion_map, png_bytes
@@ -295,6 +296,46 @@ def evaluate_faces(
     _write_predictions(out / "predictions.csv", frame, predictor.labels, np.nan_to_num(probs, nan=0.0))
     write_atomic(out / "metrics.json", json.dumps(to_jsonable(metrics), indent=2))
     return metrics
+
+
+def align_faces(
+    source: str | Path, out: str | Path, settings: DetectorSettings = DEFAULT_SETTINGS, progress: bool = True
+) -> tuple[int, list[Path]]:
+    """Write the aligned face chip of every photo as ``out/<class>/<name>.png`` plus ``out/metadata.csv``.
+
+    The result is a folder-per-class SOURCE for the CNN route (configs/syndromes12.yaml), with each
+    photo's patient_id kept. Returns the number of chips written and the photos that show no face.
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from medlens.io import write_atomic
+
+    table = load_source(source)
+    if table.task != "multiclass":
+        raise DataSourceError(f"{source}: aligning faces needs one class per photo; this source is {table.task}")
+    out = Path(out)
+    classes = np.asarray(table.label_names)[table.labels.argmax(axis=1)]
+    rows, no_face = [], []
+    for path, label, patient in tqdm(
+        zip(table.paths, classes, table.patient_ids, strict=True), total=len(table), desc="aligning",
+        unit="img", disable=not progress,
+    ):  # fmt: skip
+        try:
+            chip = detect_face(path, settings).chip
+        except NoFaceError:
+            no_face.append(path)
+            continue
+        relative = f"{label}/{path.stem}.png"
+        (out / label).mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.fromarray(chip).save(buffer, format="PNG")
+        write_atomic(out / relative, buffer.getvalue())
+        rows.append((relative, patient))
+    write_atomic(out / "metadata.csv", pd.DataFrame(rows, columns=["path", "patient_id"]).to_csv(index=False))
+    if no_face:
+        log.warning("%d of %d photos show no face and were not aligned", len(no_face), len(table))
+    return len(rows), no_face
 
 
 def predict_faces_to_csv(
