@@ -97,17 +97,22 @@ class Predictor:
         """Probabilities (N x K) for images already through :meth:`preprocess`."""
         return self.probabilities(self.prepared_tensor(prepared))
 
-    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        """Probabilities (N x K) for image files, in batches."""
+    def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """Raw logits (N x K) for image files, in batches; evaluation keeps them to report calibration at T=1."""
         paths = list(paths)
-        out = np.zeros((len(paths), len(self.labels)), dtype=np.float32)
+        out = torch.zeros((len(paths), len(self.labels)))
         bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress)
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            out[start : start + len(chunk)] = self.predict_images([self.read(p) for p in chunk])
+            out[start : start + len(chunk)] = self.logits(self.to_tensor([self.read(p) for p in chunk]))
             bar.update(len(chunk))
         bar.close()
         return out
+
+    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Probabilities (N x K) for image files, in batches."""
+        logits = self.logits_paths(paths, batch_size, progress)
+        return probabilities(logits, self.task, self.temperature).numpy()
 
     def positives(self, probs: np.ndarray) -> list[str]:
         """Labels named positive by the checkpoint's thresholds (multi-class: the top class)."""

@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from medlens.data.records import RecordTable, load_source
 from medlens.errors import DataSourceError
@@ -115,23 +113,6 @@ def evaluation_data(predictor: Predictor, source: str | Path | None, split: str 
     return EvaluationData(table.subset(rows).relabel(predictor.labels), source_path, split)
 
 
-def predict_logits(
-    predictor: Predictor, paths: Sequence[Path], batch_size: int = 32, progress: bool = False
-) -> torch.Tensor:
-    """Raw logits (N x K torch tensor) for image files, through the Predictor's reading and preprocessing.
-
-    Kept as logits so the report can give calibration both before and after temperature scaling.
-    """
-    out = torch.zeros((len(paths), len(predictor.labels)))
-    bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        out[start : start + len(chunk)] = predictor.logits(predictor.to_tensor([predictor.read(p) for p in chunk]))
-        bar.update(len(chunk))
-    bar.close()
-    return out
-
-
 def evaluate(
     checkpoint: str | Path,
     out: str | Path,
@@ -146,7 +127,7 @@ def evaluate(
     predictor = Predictor.from_checkpoint(checkpoint)
     data = evaluation_data(predictor, source, split)
     table, task, temperature = data.table, predictor.task, predictor.temperature
-    logits = predict_logits(predictor, table.paths, progress=progress)
+    logits = predictor.logits_paths(table.paths, progress=progress)
     probs = probabilities(logits, task, temperature).numpy()
     frame = table.frame
     metrics = evaluate_predictions(
@@ -252,8 +233,6 @@ def _predictions_frame(table: RecordTable, probs: np.ndarray, labels: list[str])
     for j, name in enumerate(labels):
         frame[f"prob_{name}"] = probs[:, j]
     return frame
-
-
 
 
 def _shown(value: float | None) -> str:
