@@ -126,3 +126,18 @@ def test_ready_configs_run_short_on_real_data(tmp_path, shared_data, config, dat
     assert manifest["labels"] == json.loads(json.dumps(manifest["labels"]))
     assert len(manifest["labels"]) == {"cxr4": 4, "nih14": 14, "faces-lfw15": 15}[dataset]
     assert "best epoch" in capsys.readouterr().out
+
+
+def test_early_stopping_and_cosine_warm_up(tmp_path, monkeypatch):
+    import medlens.training.fit as fit
+
+    # A validation loss that never improves: with patience 1 the run stops after its second epoch.
+    stuck = {"val_loss": 1.0, "val_auc": 0.5, "val_accuracy": float("nan")}
+    with monkeypatch.context() as patch:
+        patch.setattr(fit, "_validate", lambda *args: dict(stuck))
+        train(_config("train.epochs=6", "train.early_stopping=1"), tmp_path / "stop", progress=False)
+    assert len(pd.read_csv(tmp_path / "stop" / "history.csv")) == 2
+    cosine = ["train.epochs=4", "train.scheduler=cosine", "train.warmup_epochs=1", "train.best_metric=val_auc"]
+    train(_config(*cosine), tmp_path / "cosine", progress=False)
+    lrs = pd.read_csv(tmp_path / "cosine" / "history.csv")["lr"].tolist()
+    assert lrs[0] < lrs[1] and lrs[1] > lrs[2] > lrs[3]  # ramp up over the warm-up, then decay

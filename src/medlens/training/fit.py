@@ -229,10 +229,10 @@ def _fit(
     for epoch in range(state["epoch"] + 1 if state else 0, t.epochs):
         train_loss = _train_epoch(config, wrapped, model, optimizer, loss_fn, data, ctx, epoch, progress)
         scores = _validate(config, model, loss_fn, data, ctx)
+        lrs = [g["lr"] for g in optimizer.param_groups]  # the rate this epoch trained with
         _step_scheduler(scheduler, scores[t.best_metric])
         improved = best is None or _better(scores[t.best_metric], best, t.best_metric)
         best, stale = (scores[t.best_metric], 0) if improved else (best, stale + 1)
-        lrs = [g["lr"] for g in optimizer.param_groups]
         history.append({"epoch": epoch, "train_loss": train_loss, **scores, "lr": max(lrs)})
         if ctx.is_main:
             _save_epoch(run_dir, model, manifest, optimizer, scheduler, history, best, stale, epoch, improved, scores)
