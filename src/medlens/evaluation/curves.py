@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from medlens.evaluation.metrics import _as_arrays, _check_task, _ranking_targets, _resample_weights
+from medlens.evaluation.metrics import as_arrays, check_task, ranking_targets, resample_weights
 
 DEFAULT_FPR_GRID = np.linspace(0.0, 1.0, 101)
 
@@ -109,15 +109,15 @@ def roc_curves(
     The band is None for a label whose curve is undefined, or where fewer than ``min_defined`` of the
     resamples hold both classes (the rule of :func:`metrics.auc_ci`).
     """
-    _check_task(task)
-    y, p = _as_arrays(y_true, y_prob, label_names)
-    targets = _ranking_targets(y, task)
+    check_task(task)
+    y, p = as_arrays(y_true, y_prob, label_names)
+    targets = ranking_targets(y, task)
     grid = np.asarray(grid, dtype=np.float64)
     columns = [_column(targets, p, j) for j in range(len(label_names))]
     known = [np.flatnonzero(np.isfinite(targets[:, j])) for j in range(len(label_names))]
     samples: list[list[np.ndarray]] = [[] for _ in label_names]
     if n_resamples > 0 and any(defined for _, _, defined in columns):
-        for block in _resample_weights(patient_ids, len(y), n_resamples, seed):
+        for block in resample_weights(patient_ids, len(y), n_resamples, seed):
             for j, (yk, scores, defined) in enumerate(columns):
                 if defined:
                     samples[j].append(_bootstrap_tpr(yk, scores, block[:, known[j]], grid))
@@ -147,9 +147,9 @@ def _band(values: np.ndarray, alpha: float, min_defined: float) -> tuple[np.ndar
 
 def pr_curves(task: str, y_true: Any, y_prob: Any, label_names: Sequence[str]) -> list[PrCurve]:
     """Per-label precision-recall curves on the known rows (one-vs-rest for multi-class)."""
-    _check_task(task)
-    y, p = _as_arrays(y_true, y_prob, label_names)
-    targets = _ranking_targets(y, task)
+    check_task(task)
+    y, p = as_arrays(y_true, y_prob, label_names)
+    targets = ranking_targets(y, task)
     curves = []
     for j, name in enumerate(label_names):
         yk, scores, defined = _column(targets, p, j)

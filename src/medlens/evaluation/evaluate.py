@@ -191,11 +191,11 @@ def call_outcomes(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(calls, usable, right): the 0/1 calls per image and label (the top class for multi-class, else
     ``prob >= threshold``), whether an image has a known label, and whether every known label agrees."""
-    from medlens.evaluation.metrics import _class_indices
+    from medlens.evaluation.metrics import class_indices
 
     if task == "multiclass":
         calls = np.eye(probs.shape[1])[probs.argmax(axis=1)]
-        known = np.broadcast_to(_class_indices(y_true)[1][:, None], y_true.shape)
+        known = np.broadcast_to(class_indices(y_true)[1][:, None], y_true.shape)
     else:
         calls = (probs >= np.asarray(thresholds)).astype(np.float64)
         known = np.isfinite(y_true)

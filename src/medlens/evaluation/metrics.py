@@ -40,12 +40,12 @@ _BOOTSTRAP_BLOCK_CELLS = 4_000_000
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def _check_task(task: str) -> None:
+def check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
-def _as_arrays(
+def as_arrays(
     y_true: Any, y_prob: Any, label_names: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Both matrices as float64 N x K, checked against each other and the label list."""
@@ -60,18 +60,18 @@ def _as_arrays(
     return y, p
 
 
-def _class_indices(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def class_indices(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Multi-class one-hot rows -> (class index per row, known mask); unknown rows get index -1."""
     known = np.isfinite(y).all(axis=1) & (np.nan_to_num(y).max(axis=1, initial=0.0) > 0)
     classes = np.where(known, np.nan_to_num(y).argmax(axis=1), -1)
     return classes, known
 
 
-def _ranking_targets(y: np.ndarray, task: str) -> np.ndarray:
+def ranking_targets(y: np.ndarray, task: str) -> np.ndarray:
     """The 0/1/NaN matrix that per-column AUC/AP read: the labels, or one-vs-rest columns of the classes."""
     if task == "multilabel":
         return y
-    classes, known = _class_indices(y)
+    classes, known = class_indices(y)
     targets = np.full(y.shape, np.nan)
     targets[known] = np.eye(y.shape[1])[classes[known]]
     return targets
@@ -167,7 +167,7 @@ def multilabel_metrics(
     ``per_class`` (label -> n_known, n_positive, threshold, sensitivity, specificity, ppv, npv, f1 and
     ``confusion`` {tp, fp, fn, tn}).
     """
-    y, p = _as_arrays(y_true, y_prob, label_names)
+    y, p = as_arrays(y_true, y_prob, label_names)
     names = list(label_names)
     cutoffs = _resolve_thresholds(thresholds, len(names))
     aucs, aps = _ranking_scores(y, p)
@@ -206,10 +206,10 @@ def multiclass_metrics(
     its support; a class with no support has a row of None), ``auc``/``ap`` (one-vs-rest; None when the
     class is absent or is every known row), ``auc_summary`` and ``macro_auc``.
     """
-    y, p = _as_arrays(y_true, y_prob, label_names)
+    y, p = as_arrays(y_true, y_prob, label_names)
     names = list(label_names)
     n_classes = len(names)
-    classes, known = _class_indices(y)
+    classes, known = class_indices(y)
     truth = classes[known]
     probs = p[known]
     predicted = probs.argmax(axis=1)
@@ -226,7 +226,7 @@ def multiclass_metrics(
         [float(v) / support[c] for v in confusion[c]] if support[c] else [None] * n_classes
         for c in range(n_classes)
     ]
-    aucs, aps = _ranking_scores(_ranking_targets(y, "multiclass"), p)
+    aucs, aps = _ranking_scores(ranking_targets(y, "multiclass"), p)
     return {
         "labels": names,
         "n_known": int(known.sum()),
@@ -254,7 +254,7 @@ def multiclass_metrics(
 # ---------------------------------------------------------------------------------------------- bootstrap
 
 
-def _resample_weights(patient_ids: Any, n_images: int, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+def resample_weights(patient_ids: Any, n_images: int, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
     """Blocks (resamples x images) of how often each image is drawn when patients are drawn with replacement.
 
     Every image of a drawn patient comes along, once per draw of that patient (CheXNet's resampling).
@@ -306,7 +306,7 @@ def bootstrap_ci(
     p = np.asarray(y_prob, dtype=np.float64)
     images = np.arange(len(y))
     values = []
-    for block in _resample_weights(patient_ids, len(y), n_resamples, seed):
+    for block in resample_weights(patient_ids, len(y), n_resamples, seed):
         for weights in block:
             drawn = np.repeat(images, weights)
             value = metric_fn(y[drawn], p[drawn])
@@ -343,7 +343,7 @@ def auc_ci(
     ``y_true`` is a 0/1/NaN matrix (for multi-class pass one-vs-rest columns, NaN rows unknown); each
     column uses its known rows. None for a column whose AUC is undefined or too rarely defined.
     """
-    y, p = _as_arrays(y_true, y_prob)
+    y, p = as_arrays(y_true, y_prob)
     columns = []
     for j in range(y.shape[1]):
         rows = np.flatnonzero(np.isfinite(y[:, j]))
@@ -355,7 +355,7 @@ def auc_ci(
         columns.append((rows, positive, tie_starts) if defined else None)
     values = np.full((y.shape[1], n_resamples), np.nan)
     done = 0
-    for block in _resample_weights(patient_ids, len(y), n_resamples, seed):
+    for block in resample_weights(patient_ids, len(y), n_resamples, seed):
         for j, column in enumerate(columns):
             if column is not None:
                 rows, positive, tie_starts = column
@@ -394,11 +394,11 @@ class ReliabilityCurve:
 
 def _calibration_pairs(y: np.ndarray, p: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
     """(confidence, outcome) pairs: each known (image, label) (multi-label) or the top class (multi-class)."""
-    _check_task(task)
+    check_task(task)
     if task == "multilabel":
         known = np.isfinite(y)
         return p[known], y[known]
-    classes, known = _class_indices(y)
+    classes, known = class_indices(y)
     probs = p[known]
     return probs.max(axis=1), (probs.argmax(axis=1) == classes[known]).astype(np.float64)
 
@@ -409,7 +409,7 @@ def reliability_curve(y_true: Any, y_prob: Any, task: str, n_bins: int = 15) -> 
     Multi-class: confidence of the top class vs whether it is right. Multi-label: every known (image,
     label) pair, its probability vs its 0/1 label (the calibration of each sigmoid, pooled over labels).
     """
-    y, p = _as_arrays(y_true, y_prob)
+    y, p = as_arrays(y_true, y_prob)
     confidence, outcome = _calibration_pairs(y, p, task)
     bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
     counts = np.bincount(bins, minlength=n_bins)
@@ -431,7 +431,7 @@ def _nll(logits: np.ndarray, y: np.ndarray, task: str, temperature: float) -> fl
         known = np.isfinite(y)
         z, t = logits[known] / temperature, y[known]
         return float(np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))))
-    classes, known = _class_indices(y)
+    classes, known = class_indices(y)
     z = logits[known] / temperature
     return float(np.mean(logsumexp(z, axis=1) - z[np.arange(len(z)), classes[known]]))
 
@@ -441,9 +441,9 @@ def fit_temperature(logits: Any, y_true: Any, task: str, bounds: tuple[float, fl
 
     1.0 when there is no known label to fit on.
     """
-    _check_task(task)
-    y, z = _as_arrays(y_true, logits)
-    if not np.isfinite(_ranking_targets(y, task)).any():
+    check_task(task)
+    y, z = as_arrays(y_true, logits)
+    if not np.isfinite(ranking_targets(y, task)).any():
         log.warning("no known labels to fit a temperature on: keeping T = 1")
         return 1.0
     found = minimize_scalar(
@@ -457,7 +457,7 @@ def fit_temperature(logits: Any, y_true: Any, task: str, bounds: tuple[float, fl
 
 def apply_temperature(logits: Any, temperature: float, task: str) -> np.ndarray:
     """Probabilities of ``logits / temperature``: sigmoids (multi-label) or softmax rows (multi-class)."""
-    _check_task(task)
+    check_task(task)
     scaled = np.asarray(logits, dtype=np.float64) / temperature
     return expit(scaled) if task == "multilabel" else softmax(scaled, axis=1)
 
@@ -477,7 +477,7 @@ def choose_thresholds(
     """
     if method not in THRESHOLD_METHODS:
         raise ValueError(f"method must be one of {THRESHOLD_METHODS}, got {method!r}")
-    y, p = _as_arrays(y_true, y_prob)
+    y, p = as_arrays(y_true, y_prob)
     chosen: list[float | None] = []
     for j in range(y.shape[1]):
         yk, pk, defined = _known_binary(y[:, j], p[:, j])
@@ -561,8 +561,8 @@ def subgroup_metrics(
     specificity per label at ``thresholds``; multi-class: accuracy, balanced_accuracy, auc, macro_auc and
     recall per class.
     """
-    _check_task(task)
-    y, p = _as_arrays(y_true, y_prob, label_names)
+    check_task(task)
+    y, p = as_arrays(y_true, y_prob, label_names)
     if len(frame) != len(y):
         raise ValueError(f"frame has {len(frame)} rows for {len(y)} images; it must be one row per image")
     names = list(label_names)
@@ -621,8 +621,8 @@ def evaluate_predictions(
     multi-class, whose decision is the top class), per_class, subgroups, n_resamples, ci_level, seed; and
     for multi-class also macro_avg, confusion and confusion_normalized.
     """
-    _check_task(task)
-    y, p = _as_arrays(y_true, y_prob, label_names)
+    check_task(task)
+    y, p = as_arrays(y_true, y_prob, label_names)
     names = list(label_names)
     ids = np.asarray(patient_ids).astype(str)
     if task == "multilabel":
@@ -632,7 +632,7 @@ def evaluate_predictions(
         core = multiclass_metrics(y, p, names)
         extra = {key: core[key] for key in ("accuracy", "balanced_accuracy", "top_k", "macro_avg")}
         extra |= {"confusion": core["confusion"], "confusion_normalized": core["confusion_normalized"]}
-    intervals = auc_ci(_ranking_targets(y, task), p, ids, n_resamples=n_resamples, seed=seed, alpha=alpha)
+    intervals = auc_ci(ranking_targets(y, task), p, ids, n_resamples=n_resamples, seed=seed, alpha=alpha)
     curve = reliability_curve(y, p, task, n_bins)
     subgroups = (
         subgroup_metrics(frame, subgroup_columns, task, y, p, names, thresholds) if frame is not None else {}
