@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 
 import httpx
 import numpy as np
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from medlens.data.readers import read_image
+from medlens.errors import ConfigError
 from medlens.inference import Predictor
 from medlens.serve import app as serve_app
 from medlens.serve.app import create_app
@@ -221,13 +223,23 @@ def test_uploads_never_touch_disk(client: TestClient, encode, monkeypatch):
     assert set(os.listdir(tempfile.gettempdir())) <= before
 
 
+def test_a_request_that_cannot_be_served_in_time_gets_503(run_dir, xray_png):
+    with TestClient(create_app(run_dir, request_seconds=0.3)) as slow:
+        busy = slow.app.state.model._model_thread._executor.submit(time.sleep, 1.5)  # the model thread is taken
+        _error(_post(slow, xray_png, "?cam=false"), 503, "request_timeout", "0.3 s")
+        busy.result()
+        assert _post(slow, xray_png, "?cam=false").status_code == 200  # and the server has recovered
+    with pytest.raises(ConfigError, match="positive"):
+        create_app(run_dir, request_seconds=0)
+
+
 def test_openapi_describes_every_answer(client: TestClient):
     doc = client.get("/openapi.json").json()
     schemas = doc["components"]["schemas"]
     assert {"Prediction", "ModelInfo", "Health", "ErrorResponse", "Finding", "Heatmap", "OodReport"} <= set(schemas)
     predict = doc["paths"]["/predict"]["post"]
     assert predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Prediction")
-    for status in ("400", "401", "413", "415", "422"):
+    for status in ("400", "401", "413", "415", "422", "503"):
         assert predict["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     body = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["file"]

@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medlens.errors import ImageReadError
+from medlens.errors import ConfigError, ImageReadError
 from medlens.serve.schemas import ErrorResponse, Health, Limits, ModelInfo, Prediction
 from medlens.serve.service import SERVED_CAM_METHODS, PredictOptions, ServedModel, load_served_model
 from medlens.serve.uploads import RequestError, file_field
@@ -40,6 +40,8 @@ UPLOAD_SECONDS = 60.0
 """An upload must arrive within this time: a stalled client gets 408 instead of holding a request open."""
 DEFAULT_MAX_PIXELS = 16_000_000
 """Enough for any chest film (a 4,000 x 4,000 detector); a larger image would cost seconds and gigabytes."""
+DEFAULT_REQUEST_SECONDS = 120.0
+"""Longest a request may queue for and use the model: a ScoreCAM-free heatmap request takes ~1 s on 2 cores."""
 
 CamMethod = Enum("CamMethod", {name: name for name in SERVED_CAM_METHODS}, type=str)  # type: ignore[misc]
 DEFAULT_METHOD = CamMethod("gradcam")
@@ -54,6 +56,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "upload over the size limit"),
         (415, "not multipart/form-data"),
         (422, "unreadable image, no face (face models) or invalid query"),
+        (503, "the model is not loaded yet, or the request could not be served in time"),
     )
 }
 UPLOAD_BODY = {
@@ -80,10 +83,13 @@ def create_app(
     token: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    request_seconds: float = DEFAULT_REQUEST_SECONDS,
 ) -> FastAPI:
     """The app serving ``checkpoint`` (a checkpoint or run folder), which loads when the app starts."""
     folder = resolve_checkpoint(checkpoint)  # fail now, not at the first request, on a wrong path
-    limits = Limits(max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
+    if request_seconds <= 0:
+        raise ConfigError(f"the request timeout must be a positive number of seconds, not {request_seconds}")
+    limits = Limits(max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, request_seconds=request_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -155,7 +161,11 @@ def _add_routes(app: FastAPI, guard: Any) -> None:
         return Health(status="ok" if loaded else "starting", model_loaded=loaded)
 
     @app.get(
-        "/model", response_model=ModelInfo, responses={401: ERRORS[401]}, dependencies=[Depends(guard)], tags=["model"]
+        "/model",
+        response_model=ModelInfo,
+        responses={401: ERRORS[401], 503: ERRORS[503]},
+        dependencies=[Depends(guard)],
+        tags=["model"],
     )
     def model_info(model: Annotated[ServedModel, Depends(served_model)]) -> ModelInfo:
         return model.info()

@@ -25,6 +25,12 @@ def add_parser(jobs: argparse._SubParsersAction) -> None:
         "out of the process list)",
     )
     serve.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload (default 32 MB)")
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a request may queue for and use the model before it gets 503 (default 120)",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -35,7 +41,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.token is None and not _is_loopback(args.host):
         log.warning("serving on %s without --token: anyone who can reach this address can use the API", args.host)
-    app = create_app(args.checkpoint, token=args.token, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    app = create_app(
+        args.checkpoint,
+        token=args.token,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        request_seconds=args.request_timeout,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

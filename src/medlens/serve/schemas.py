@@ -42,6 +42,7 @@ class ModelCard(BaseModel):
 class Limits(BaseModel):
     max_upload_bytes: int
     max_pixels: int
+    request_seconds: float = Field(description="longest a request may wait for and use the model before a 503")
 
 
 class ModelInfo(BaseModel):

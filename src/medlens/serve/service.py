@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -92,6 +93,37 @@ def expects_chest_xrays(manifest: dict[str, Any]) -> bool:
     return manifest.get("kind") != FACE_KIND and augment != "face"
 
 
+class ModelThread:
+    """The one thread a served model's work runs on, with a deadline per request.
+
+    torch's OpenMP keeps a team of threads per calling thread, so model calls from several request threads at
+    once oversubscribe the cores (4 concurrent requests made each forward pass 4.4x slower); one thread also
+    serialises CAM hooks and dlib's detector. A request that cannot be served before its deadline (queued
+    behind too many others) gets 503 instead of holding its connection open.
+    """
+
+    def __init__(self, name: str, request_seconds: float):
+        self.request_seconds = request_seconds
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.request_seconds
+
+    def run(self, deadline: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``call(*args, **kwargs)`` on the model thread; :class:`RequestError` 503 once ``deadline`` passes."""
+        future = self._executor.submit(call, *args, **kwargs)
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            future.cancel()  # not started yet: never runs; running: finishes, and its answer is dropped
+            raise RequestError(
+                503, "request_timeout", f"the server could not answer within {self.request_seconds:g} s; retry later"
+            ) from None
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
 class _Clock:
     """Milliseconds per named step."""
 
@@ -120,10 +152,7 @@ class ClassifierModel:
         # predictions never run through.
         self._cam_model = copy.deepcopy(predictor.model)
         self._explainer: CamExplainer | None = None
-        # Every forward pass and heatmap runs on this one thread. torch's OpenMP keeps a team of threads per
-        # calling thread, so model calls from several request threads at once oversubscribe the cores
-        # (4 concurrent requests made each forward pass 4.4x slower); one thread also serialises the hooks.
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlens-model")
+        self._model_thread = ModelThread("medlens-model", limits.request_seconds)
 
     def info(self) -> ModelInfo:
         p, manifest = self.predictor, self.predictor.manifest
@@ -143,13 +172,14 @@ class ClassifierModel:
         """Read, check, predict and explain one uploaded image; :class:`ImageReadError` if unreadable."""
         p = self.predictor
         clock = _Clock()
+        deadline = self._model_thread.deadline()
         loaded = load_image(data, channels=p.channels, max_pixels=self.limits.max_pixels, name="upload")
         clock.lap("read")
         x = p.to_tensor([loaded.pixels])
         clock.lap("preprocess")
         ood = self._check(loaded, data)
         clock.lap("ood")
-        probs = self._model_thread.submit(p.probabilities, x).result()[0]
+        probs = self._model_thread.run(deadline, p.probabilities, x)[0]
         clock.lap("forward")
         order = np.argsort(-probs, kind="stable")
         ranked = [p.labels[i] for i in order]
@@ -158,7 +188,7 @@ class ClassifierModel:
         shown = list(options.explain)
         if not shown and not (ood and ood.flag):
             shown = positives or ranked[:1]
-        heatmaps = self._heatmaps(loaded.pixels, x, shown, options.method) if options.cam else []
+        heatmaps = self._heatmaps(loaded.pixels, x, shown, options.method, deadline) if options.cam else []
         clock.lap("cam")
         findings = [
             Finding(label=label, probability=float(probs[i]), threshold=float(p.thresholds[i]), positive=label in over)
@@ -185,10 +215,12 @@ class ClassifierModel:
         result = assess_xray(loaded.pixels, colour)
         return OodReport(flag=result.flag, score=result.score, checks=result.checks, reasons=result.reasons)
 
-    def _heatmaps(self, pixels: np.ndarray, x: torch.Tensor, shown: list[str], method: str) -> list[Heatmap]:
+    def _heatmaps(
+        self, pixels: np.ndarray, x: torch.Tensor, shown: list[str], method: str, deadline: float
+    ) -> list[Heatmap]:
         if not shown:
             return []
-        maps = self._model_thread.submit(self._maps, x, shown, method).result()
+        maps = self._model_thread.run(deadline, self._maps, x, shown, method)
         backdrop = _shrunk(pixels, HEATMAP_MAX_SIDE)
         return [_heatmap(label, method, _png(blend(backdrop, m))) for label, m in zip(shown, maps, strict=True)]
 
@@ -202,7 +234,7 @@ class ClassifierModel:
         return [self._explainer(x, self.labels.index(label)) for label in shown]
 
     def close(self) -> None:
-        self._model_thread.shutdown(wait=True)
+        self._model_thread.close()
         if self._explainer is not None:
             self._explainer.close()
             self._explainer = None
@@ -220,7 +252,8 @@ class FaceModel:
         self.predictor = predictor
         self.limits = limits
         self.labels = predictor.labels
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlens-faces")
+        # dlib's detector and the head serve one image at a time.
+        self._model_thread = ModelThread("medlens-faces", limits.request_seconds)
 
     def info(self) -> ModelInfo:
         manifest = self.predictor.manifest
@@ -239,15 +272,19 @@ class FaceModel:
     def predict(self, data: bytes, options: PredictOptions) -> Prediction:
         """Find the largest face, rank the classes, explain the chosen ones; 422 ``no_face`` without a face."""
         clock = _Clock()
+        deadline = self._model_thread.deadline()
         loaded = load_image(data, channels=3, max_pixels=self.limits.max_pixels, name="upload")
         clock.lap("read")
         clock.lap("preprocess")  # detection and alignment happen inside the model's own steps
         clock.lap("ood")
         try:
-            found = self._run(self.predictor.predict_image, loaded.pixels, k=TOP_K)
+            found = self._model_thread.run(deadline, self.predictor.predict_image, loaded.pixels, k=TOP_K)
             clock.lap("forward")
             shown = (list(options.explain) or [found.top_k[0][0]]) if options.cam else []
-            charts = {label: self._run(self.predictor.explain, loaded.pixels, target=label) for label in shown}
+            charts = {
+                label: self._model_thread.run(deadline, self.predictor.explain, loaded.pixels, target=label)
+                for label in shown
+            }
         except NoFaceError as exc:
             raise RequestError(422, "no_face", str(exc).removeprefix("upload: ")) from None
         clock.lap("cam")
@@ -266,12 +303,8 @@ class FaceModel:
             timings_ms=clock.timings(),
         )
 
-    def _run(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``call`` on the model thread: dlib's detector and the head serve one image at a time."""
-        return self._model_thread.submit(call, *args, **kwargs).result()
-
     def close(self) -> None:
-        self._model_thread.shutdown(wait=True)
+        self._model_thread.close()
 
 
 def _card(manifest: dict[str, Any], name: str) -> ModelCard:
