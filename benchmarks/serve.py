@@ -4,6 +4,8 @@ Starts ``medlens.serve`` under uvicorn in a child process on 127.0.0.1 (a free p
 uploads the same real NIH film (1024 x 1024 PNG) for ``--seconds`` per phase:
 
 - ``plain`` and ``cam``: 1 and ``--clients`` concurrent clients, without and with heatmaps;
+- ``soak``: ``--soak-clients`` (8) clients without heatmaps for ``--soak-seconds`` (60), then stop: the
+  server's memory sampled every second, its growth over the phase, and p95 over p50 (goals: < 5%, <= 3);
 - ``p50_vs_forward``: the 1-client latency without heatmaps over the batch-1 forward pass the server
   timed during those same requests (``timings_ms.forward``: the model alone, same process, same moment).
   The forward pass is also timed in this process before and after that phase, the server idle, but on a
@@ -11,10 +13,15 @@ uploads the same real NIH film (1024 x 1024 PNG) for ``--seconds`` per phase:
   threads wait on each other whenever one loses its core), so they are printed for reference only.
 
     .venv/bin/python benchmarks/serve.py [--checkpoint RUN] [--model resnet50] [--clients 4] [--seconds 20]
+                                         [--soak-clients 8] [--soak-seconds 60]
+
+Memory is measured after a warm-up at the highest concurrency with heatmaps: "flat" means a server under a
+steady load stops growing, not that 8 clients in flight cost no more than 1.
 
 Without ``--checkpoint`` a randomly initialised ``--model`` checkpoint with the 14 NIH labels at 224 px is
 written to a temporary folder (weights do not change the cost). Prints the machine, a table per phase and,
-as the very last line, one JSON object with ``p50_vs_forward`` (goal <= 1.25), ``errors`` and the rest.
+as the very last line, one JSON object with ``p50_vs_forward`` (goal <= 1.25), ``errors``,
+``memory_growth_pct``, ``soak_p95_vs_p50``, ``soak_memory_growth_pct`` and the rest.
 """
 
 from __future__ import annotations
@@ -149,6 +156,30 @@ def drive(base: str, image: bytes, clients: int, seconds: float, cam: bool) -> d
     return samples.summary(time.monotonic() - began)
 
 
+class MemoryWatch:
+    """The resident memory of a process, sampled every ``interval`` seconds in a thread while in use."""
+
+    def __init__(self, pid: int, interval: float = 1.0):
+        self.pid, self.interval = pid, interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(rss_mb(self.pid))
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(rss_mb(self.pid))
+            self._stop.wait(self.interval)
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process in MB (Linux /proc), NaN where that is not readable."""
     try:
@@ -185,6 +216,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each load phase")
+    parser.add_argument("--soak-clients", type=int, default=8)
+    parser.add_argument("--soak-seconds", type=float, default=60.0, help="length of the soak phase (0: none)")
     args = parser.parse_args()
     if not IMAGE.is_file():
         raise SystemExit(f"{IMAGE} is absent: the benchmark uploads a real NIH film from ../shared/data")
@@ -209,7 +242,9 @@ def main() -> None:
         try:
             wait_until_up(base, server)
             image = IMAGE.read_bytes()
-            drive(base, image, 1, 2.0, cam=True)  # warm-up
+            heaviest = max(args.clients, args.soak_clients)
+            drive(base, image, heaviest, 6.0, cam=True)  # warm-up: the allocator reaches its working size
+            drive(base, image, heaviest, 3.0, cam=False)
             rss_start = rss_mb(server.pid)
             before = forward_ms(predictor)
             phases = {"plain_1": drive(base, image, 1, args.seconds, cam=False)}
@@ -221,6 +256,11 @@ def main() -> None:
                     if name not in phases:
                         phases[name] = drive(base, image, clients, args.seconds, cam)
             rss_end = rss_mb(server.pid)
+            if args.soak_seconds > 0:
+                with MemoryWatch(server.pid) as soak_memory:
+                    phases[f"soak_{args.soak_clients}"] = drive(
+                        base, image, args.soak_clients, args.soak_seconds, cam=False
+                    )
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -242,10 +282,23 @@ def main() -> None:
         f"{before:.1f} ms before it and {after:.1f} ms after it in this process, the server idle"
     )
     growth = 100 * (rss_end - rss_start) / rss_start
-    print(f"server memory: {rss_start:.0f} MB after warm-up, {rss_end:.0f} MB after every phase ({growth:+.1f}%)")
+    print(f"server memory: {rss_start:.0f} MB after warm-up, {rss_end:.0f} MB after the phases ({growth:+.1f}%)")
+    soak: dict[str, float] = {}
+    if args.soak_seconds > 0:
+        figures, memory = phases[f"soak_{args.soak_clients}"], soak_memory.samples
+        soak = {
+            "soak_p95_vs_p50": round(figures["p95_ms"] / figures["p50_ms"], 3),
+            "soak_memory_growth_pct": round(100 * (memory[-1] - memory[0]) / memory[0], 2),
+        }
+        print(
+            f"soak, {args.soak_clients} clients for {args.soak_seconds:.0f} s: p95 {soak['soak_p95_vs_p50']:.2f}x p50; "
+            f"memory {memory[0]:.0f} -> {max(memory):.0f} (peak) -> {memory[-1]:.0f} MB after it "
+            f"({soak['soak_memory_growth_pct']:+.1f}%)"
+        )
     summary = {
         "p50_vs_forward": round(single["p50_ms"] / forward, 3),
         "memory_growth_pct": round(growth, 2),
+        **soak,
         "errors": sum(figures["errors"] for figures in phases.values()),
         "forward_ms": forward,
         "forward_ms_here_before": round(before, 1),

@@ -225,7 +225,7 @@ def test_uploads_never_touch_disk(client: TestClient, encode, monkeypatch):
 
 def test_a_request_that_cannot_be_served_in_time_gets_503(run_dir, xray_png):
     with TestClient(create_app(run_dir, request_seconds=0.3)) as slow:
-        busy = slow.app.state.model._model_thread._executor.submit(time.sleep, 1.5)  # the model thread is taken
+        busy = slow.app.state.model._workers._model.submit(time.sleep, 1.5)  # the model thread is taken
         _error(_post(slow, xray_png, "?cam=false"), 503, "request_timeout", "0.3 s")
         busy.result()
         assert _post(slow, xray_png, "?cam=false").status_code == 200  # and the server has recovered

@@ -12,10 +12,13 @@ import base64
 import copy
 import io
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,35 +96,52 @@ def expects_chest_xrays(manifest: dict[str, Any]) -> bool:
     return manifest.get("kind") != FACE_KIND and augment != "face"
 
 
-class ModelThread:
-    """The one thread a served model's work runs on, with a deadline per request.
+class Workers:
+    """Where a served model's work runs: model calls on one thread, image work one request per core.
 
     torch's OpenMP keeps a team of threads per calling thread, so model calls from several request threads at
     once oversubscribe the cores (4 concurrent requests made each forward pass 4.4x slower); one thread also
-    serialises CAM hooks and dlib's detector. A request that cannot be served before its deadline (queued
-    behind too many others) gets 503 instead of holding its connection open.
+    serialises CAM hooks and dlib's detector. Decoding and drawing, done on the request's own thread, are
+    limited to one request per core, so memory stays bounded however many clients are waiting. A request
+    that cannot be served before its deadline (queued behind too many others) gets 503 instead of holding its
+    connection open.
     """
 
     def __init__(self, name: str, request_seconds: float):
         self.request_seconds = request_seconds
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._image_slots = threading.BoundedSemaphore(cores)
 
     def deadline(self) -> float:
         return time.monotonic() + self.request_seconds
 
-    def run(self, deadline: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def model(self, deadline: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``call(*args, **kwargs)`` on the model thread; :class:`RequestError` 503 once ``deadline`` passes."""
-        future = self._executor.submit(call, *args, **kwargs)
+        future = self._model.submit(call, *args, **kwargs)
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             future.cancel()  # not started yet: never runs; running: finishes, and its answer is dropped
-            raise RequestError(
-                503, "request_timeout", f"the server could not answer within {self.request_seconds:g} s; retry later"
-            ) from None
+            raise self._late() from None
+
+    @contextmanager
+    def image_work(self, deadline: float) -> Iterator[None]:
+        """A slot for decoding or drawing on the request's own thread, waited for until ``deadline``."""
+        if not self._image_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise self._late()
+        try:
+            yield
+        finally:
+            self._image_slots.release()
+
+    def _late(self) -> RequestError:
+        return RequestError(
+            503, "request_timeout", f"the server could not answer within {self.request_seconds:g} s; retry later"
+        )
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._model.shutdown(wait=True, cancel_futures=True)
 
 
 class _Clock:
@@ -152,7 +172,7 @@ class ClassifierModel:
         # predictions never run through.
         self._cam_model = copy.deepcopy(predictor.model)
         self._explainer: CamExplainer | None = None
-        self._model_thread = ModelThread("medlens-model", limits.request_seconds)
+        self._workers = Workers("medlens-model", limits.request_seconds)
 
     def info(self) -> ModelInfo:
         p, manifest = self.predictor, self.predictor.manifest
@@ -172,14 +192,15 @@ class ClassifierModel:
         """Read, check, predict and explain one uploaded image; :class:`ImageReadError` if unreadable."""
         p = self.predictor
         clock = _Clock()
-        deadline = self._model_thread.deadline()
-        loaded = load_image(data, channels=p.channels, max_pixels=self.limits.max_pixels, name="upload")
-        clock.lap("read")
-        x = p.to_tensor([loaded.pixels])
-        clock.lap("preprocess")
-        ood = self._check(loaded, data)
-        clock.lap("ood")
-        probs = self._model_thread.run(deadline, p.probabilities, x)[0]
+        deadline = self._workers.deadline()
+        with self._workers.image_work(deadline):
+            loaded = load_image(data, channels=p.channels, max_pixels=self.limits.max_pixels, name="upload")
+            clock.lap("read")
+            x = p.to_tensor([loaded.pixels])
+            clock.lap("preprocess")
+            ood = self._check(loaded, data)
+            clock.lap("ood")
+        probs = self._workers.model(deadline, p.probabilities, x)[0]
         clock.lap("forward")
         order = np.argsort(-probs, kind="stable")
         ranked = [p.labels[i] for i in order]
@@ -220,9 +241,10 @@ class ClassifierModel:
     ) -> list[Heatmap]:
         if not shown:
             return []
-        maps = self._model_thread.run(deadline, self._maps, x, shown, method)
-        backdrop = _shrunk(pixels, HEATMAP_MAX_SIDE)
-        return [_heatmap(label, method, _png(blend(backdrop, m))) for label, m in zip(shown, maps, strict=True)]
+        maps = self._workers.model(deadline, self._maps, x, shown, method)
+        with self._workers.image_work(deadline):
+            backdrop = _shrunk(pixels, HEATMAP_MAX_SIDE)
+            return [_heatmap(label, method, _png(blend(backdrop, m))) for label, m in zip(shown, maps, strict=True)]
 
     def _maps(self, x: torch.Tensor, shown: list[str], method: str) -> list[np.ndarray]:
         """The ``method`` map of each label in ``shown``; runs on the model thread only."""
@@ -234,7 +256,7 @@ class ClassifierModel:
         return [self._explainer(x, self.labels.index(label)) for label in shown]
 
     def close(self) -> None:
-        self._model_thread.close()
+        self._workers.close()
         if self._explainer is not None:
             self._explainer.close()
             self._explainer = None
@@ -253,7 +275,7 @@ class FaceModel:
         self.limits = limits
         self.labels = predictor.labels
         # dlib's detector and the head serve one image at a time.
-        self._model_thread = ModelThread("medlens-faces", limits.request_seconds)
+        self._workers = Workers("medlens-faces", limits.request_seconds)
 
     def info(self) -> ModelInfo:
         manifest = self.predictor.manifest
@@ -272,17 +294,18 @@ class FaceModel:
     def predict(self, data: bytes, options: PredictOptions) -> Prediction:
         """Find the largest face, rank the classes, explain the chosen ones; 422 ``no_face`` without a face."""
         clock = _Clock()
-        deadline = self._model_thread.deadline()
-        loaded = load_image(data, channels=3, max_pixels=self.limits.max_pixels, name="upload")
+        deadline = self._workers.deadline()
+        with self._workers.image_work(deadline):
+            loaded = load_image(data, channels=3, max_pixels=self.limits.max_pixels, name="upload")
         clock.lap("read")
         clock.lap("preprocess")  # detection and alignment happen inside the model's own steps
         clock.lap("ood")
         try:
-            found = self._model_thread.run(deadline, self.predictor.predict_image, loaded.pixels, k=TOP_K)
+            found = self._workers.model(deadline, self.predictor.predict_image, loaded.pixels, k=TOP_K)
             clock.lap("forward")
             shown = (list(options.explain) or [found.top_k[0][0]]) if options.cam else []
             charts = {
-                label: self._model_thread.run(deadline, self.predictor.explain, loaded.pixels, target=label)
+                label: self._workers.model(deadline, self.predictor.explain, loaded.pixels, target=label)
                 for label in shown
             }
         except NoFaceError as exc:
@@ -304,7 +327,7 @@ class FaceModel:
         )
 
     def close(self) -> None:
-        self._model_thread.close()
+        self._workers.close()
 
 
 def _card(manifest: dict[str, Any], name: str) -> ModelCard:
