@@ -45,13 +45,44 @@ def test_bad_keys_and_values_are_named(overrides, match):
         load_config(None, overrides)
 
 
-def test_yaml_is_parsed_safely(tmp_path):
+@pytest.mark.parametrize(
+    "value",
+    [
+        "!!python/object/apply:os.system ['touch {marker}']",
+        "!!python/object/apply:pathlib.Path.write_text [!!python/object/apply:pathlib.Path ['{marker}'], 'x']",
+        "!!python/object/new:pathlib.Path ['{marker}']",
+        "!!python/name:os.system",
+        "!!python/module:os",
+    ],
+    ids=["system", "apply", "new", "name", "module"],
+)
+def test_yaml_is_parsed_safely(tmp_path, value):
     path = tmp_path / "evil.yaml"
     marker = tmp_path / "pwned"
-    path.write_text(f"data: !!python/object/apply:os.system ['touch {marker}']\n")
+    path.write_text(f"data: {value.format(marker=marker)}\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("trian:\n  epochs: 3\n", r"unknown config key 'trian' \(top level\); valid keys: data, model, train"),
+        ("model:\n  nmae: resnet50\n", r"unknown config key 'model\.nmae' \(model\); valid keys: model\.name, "),
+        (
+            "data:\n  phantoms:\n    count: 3\n",
+            r"unknown config key 'data\.phantoms\.count' \(data\.phantoms\); valid keys: data\.phantoms\.n, "
+            r"data\.phantoms\.task, data\.phantoms\.size, data\.phantoms\.seed",
+        ),
+    ],
+    ids=["section", "key", "nested"],
+)
+def test_unknown_keys_in_a_file_are_named_with_the_valid_ones(tmp_path, text, match):
+    path = tmp_path / "typo.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
 
 
 def test_missing_file_is_named(tmp_path):

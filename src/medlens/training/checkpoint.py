@@ -53,8 +53,11 @@ def save_checkpoint(
 ) -> Path:
     """Write ``folder`` atomically: a temporary sibling is filled, fsynced, then renamed into place."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    except OSError as exc:
+        raise _write_error(folder, exc) from exc
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / WEIGHTS))
@@ -72,10 +75,19 @@ def save_checkpoint(
         for path in tmp.iterdir():
             _fsync(path)
         _swap_in(tmp, folder)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError | SafetensorError):  # safetensors reports a full disk as SafetensorError
+            raise _write_error(folder, exc) from exc
         raise
     return folder
+
+
+def _write_error(folder: Path, exc: Exception) -> CheckpointError:
+    problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return CheckpointError(
+        f"cannot write the checkpoint {folder} ({problem}); any previous checkpoint there is left as it was"
+    )
 
 
 def _swap_in(tmp: Path, folder: Path) -> None:

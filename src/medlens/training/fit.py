@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
         _check_run_dir(run_dir, resume, ctx)
         data = prepare_data(config, run_dir, ctx)
         return _fit(config, run_dir, data, ctx, resume, progress and ctx.is_main)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise MedlensError(
+            f"{exc.filename or run_dir}: {exc.strerror}; the checkpoints in {run_dir} are intact: "
+            "free space and continue with --resume"
+        ) from exc
     finally:
         distributed.shutdown(ctx)
 
@@ -60,7 +69,13 @@ def _check_run_dir(run_dir: Path, resume: bool, ctx: distributed.Dist) -> None:
     if not resume and (run_dir / "last").exists():
         raise MedlensError(f"{run_dir} already holds a run: pass --resume to continue it, or choose a new --out")
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = f"cannot create the run folder {run_dir} ({exc.strerror})"
+            raise MedlensError(f"{problem}; choose another --out") from None
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise MedlensError(f"the run folder {run_dir} is not writable; choose another --out")
 
 
 def prepare_data(config: Config, run_dir: Path, ctx: distributed.Dist) -> RunData:
