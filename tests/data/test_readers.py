@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -26,6 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from medlens.data import readers
 from medlens.data.readers import DICOM_TECHNICAL_FIELDS, load_image, read_image
 from medlens.errors import ImageReadError
 
@@ -118,6 +121,16 @@ def test_png_8bit_grayscale_divides_by_255(tmp_path):
     assert loaded.format == "png" and loaded.dicom == {}
     assert loaded.pixels.dtype == np.float32 and loaded.pixels.shape == (2, 2)
     np.testing.assert_allclose(loaded.pixels, values / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_grey_png_decoded_by_opencv_has_exactly_pils_pixels(dtype):
+    """8/16-bit greyscale PNGs (chest X-rays) take OpenCV's faster decoder; PNG is lossless, so nothing changes."""
+    top = np.iinfo(dtype).max
+    values = np.random.default_rng(3).integers(0, top, (37, 53), dtype=dtype, endpoint=True)
+    data = _png_bytes(values)
+    assert readers._decode_plain_grey_png(data, "grey.png", 10**6) is not None
+    np.testing.assert_array_equal(read_image(data), np.asarray(Image.open(io.BytesIO(data)), np.float32) / top)
 
 
 def test_png_16bit_divides_by_65535(tmp_path):
@@ -389,6 +402,26 @@ def test_dicom_compressed_pixels_that_cannot_be_decoded(tmp_path, syntax, phrase
     assert not any(value in str(caught.value) for value in PATIENT.values())
 
 
+def test_dicom_jpeg2000_box_of_length_zero_is_refused_not_looped_on(tmp_path):
+    # Found by scripts/fuzz_readers.py: pydicom 3.0 walks the JP2 boxes by their lengths, and a 0 never ends.
+    signature_box = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+    fragment = signature_box + b"\x00\x00\x00\x00jp2h" + b"\x00" * 8
+    raw = np.zeros((8, 8), dtype=np.uint16)
+    path = _dicom(tmp_path / "loop.dcm", raw, syntax=JPEG2000Lossless, fragments=[fragment])
+
+    def hung(signum, frame):
+        raise TimeoutError("read_image hung on a JP2 box of length 0")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, 10)
+    try:
+        with pytest.raises(ImageReadError, match="a JP2 box of length 0"):
+            read_image(path)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -489,6 +522,30 @@ def _bad_dicom_short_pixel_data(tmp_path):
     return path, "cannot be decoded"
 
 
+def _bad_dicom_palette_without_a_table(tmp_path):
+    # Found by scripts/fuzz_readers.py: pydicom expands a palette missing one table into 2 colour channels.
+    tables = {}
+    for colour in ("Red", "Green", "Blue"):
+        tables[f"{colour}PaletteColorLookupTableDescriptor"] = [256, 0, 16]
+        tables[f"{colour}PaletteColorLookupTableData"] = np.arange(256, dtype="<u2").tobytes()
+    tables["BluePaletteColorLookupTableData"] = None
+    index = np.zeros((4, 4), dtype=np.uint8)
+    path = _dicom(tmp_path / "two-colours.dcm", index, photometric="PALETTE COLOR", **tables)
+    return path, "the palette gives 2 colour channels, not 3"
+
+
+def _bad_dicom_jpeg_larger_than_its_header(tmp_path):
+    # Found by scripts/fuzz_readers.py (1.4 GB of memory): the decoder allocates what the JPEG stream declares.
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, "JPEG")
+    stream = bytearray(buffer.getvalue())
+    frame = stream.index(b"\xff\xc0") + 5  # SOF0: marker, length, precision, then height and width
+    stream[frame : frame + 4] = struct.pack(">HH", 12_000, 12_000)
+    raw = np.zeros((8, 8), dtype=np.uint8)
+    path = _dicom(tmp_path / "bomb.dcm", raw, syntax=JPEGBaseline8Bit, fragments=[bytes(stream)])
+    return path, "stream is 12000x12000 pixels, the DICOM header says 8x8"
+
+
 BAD_INPUTS = [
     _bad_empty,
     _bad_truncated,
@@ -507,6 +564,8 @@ BAD_INPUTS = [
     _bad_multi_frame,
     _bad_dicom_frames_without_a_count,
     _bad_dicom_short_pixel_data,
+    _bad_dicom_palette_without_a_table,
+    _bad_dicom_jpeg_larger_than_its_header,
 ]
 
 
@@ -528,6 +587,17 @@ def test_pixel_limit_applies_to_real_images_and_dicom(tmp_path):
     with pytest.raises(ImageReadError, match=r"big\.dcm: .*over the pixel limit"):
         read_image(dicom, max_pixels=1000)
     assert read_image(dicom, max_pixels=4096).shape == (64, 64)
+
+
+def test_a_deflated_dicom_may_not_inflate_past_what_its_pixels_need(tmp_path):
+    # pydicom inflates a deflated file whole, in memory: 300 KB of zeros inflate to 300 MB.
+    raw = np.zeros((8, 8), dtype=np.uint16)
+    zeros = bytes(24 * 2**20)
+    path = _dicom(tmp_path / "zip.dcm", raw, syntax=DeflatedExplicitVRLittleEndian, EncapsulatedDocument=zeros)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ImageReadError, match=r"deflated DICOM inflates to over 16,777,728 bytes, more than 64 pixels"):
+        read_image(path, max_pixels=64)
+    assert read_image(path).shape == (8, 8)  # within the default pixel limit's allowance
 
 
 def _mutants(data: bytes, count: int, seed: int):
