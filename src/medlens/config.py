@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from medlens.data.transforms import AUTO_CROP, CONTRASTS, MAX_CROP_FRACTION
 from medlens.errors import ConfigError
 
 PHANTOMS = "phantoms"
@@ -41,6 +42,8 @@ class DataConfig:
     undersample: str | None = None
     undersample_keep: float = 0.2
     cache: str | None = None
+    contrast: str = "none"
+    crop_border: float | str = 0.0
     phantoms: PhantomConfig = field(default_factory=PhantomConfig)
 
 
@@ -104,6 +107,7 @@ CHOICES = {
     "data.channels": (1, 3),
     "model.head": ("linear", "mlp"),
     "data.phantoms.task": ("multiclass", "multilabel"),
+    "data.contrast": CONTRASTS,
 }
 
 
@@ -201,3 +205,9 @@ def _check_choices(config: Config) -> None:
         if node not in valid:
             shown = ", ".join(str(v) for v in valid if v is not None)
             raise ConfigError(f"{key}={node!r} is not valid; choose one of: {shown}")
+    crop = config.data.crop_border
+    if crop != AUTO_CROP and (isinstance(crop, str) or not 0.0 <= crop < MAX_CROP_FRACTION):
+        raise ConfigError(
+            f"data.crop_border={crop!r} is not valid; use {AUTO_CROP!r} or a fraction of each side in "
+            f"[0, {MAX_CROP_FRACTION})"
+        )

@@ -5,11 +5,11 @@ A cache folder holds:
 - ``images.u8``: raw uint8 rows of shape ``(N, size, size)`` or ``(N, size, size, 3)``, row ``i`` = image ``i``;
 - ``index.csv``: ``index, path`` (as given), ``height, width`` (of the original; 0 if unreadable),
   ``status`` (``ok`` / ``unreadable``) and ``error``;
-- ``cache.json``: ``version, size, channels, n, chunk_size, created``;
+- ``cache.json``: ``version, size, channels, contrast, crop_border, n, chunk_size, created``;
 - ``done.npy``: one flag per chunk of rows, so an interrupted build redoes only its unfinished chunks;
 - ``progress.jsonl``: during a build only, each finished chunk's original sizes and errors.
 
-Pixels go through :func:`~medlens.data.readers.read_image` and :func:`~medlens.data.transforms.resize_image`,
+Pixels go through :func:`~medlens.data.readers.read_image` and :func:`~medlens.data.transforms.prepare_image`,
 the same two functions inference uses, so cached and live preprocessing cannot drift apart.
 """
 
@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from medlens.data.readers import read_image
-from medlens.data.transforms import resize_image
+from medlens.data.transforms import prepare_image
 from medlens.errors import ImageReadError
 from medlens.io import write_atomic
 
@@ -58,6 +58,8 @@ class _Job:
     paths: tuple[str, ...]
     size: int
     channels: int
+    contrast: str
+    crop_border: float | str
 
 
 class ImageCache:
@@ -88,7 +90,7 @@ class ImageCache:
         return np.asarray(self.images[i])
 
     def get_float(self, i: int) -> np.ndarray:
-        """Image ``i`` as float32 in [0, 1], as :func:`resize_image` gave it (to within 1/255)."""
+        """Image ``i`` as float32 in [0, 1], as :func:`prepare_image` gave it (to within 1/255)."""
         return self.images[i].astype(np.float32) / 255.0
 
     def indices_of(self, paths: Sequence[str | Path]) -> np.ndarray:
@@ -109,11 +111,14 @@ def build_cache(
     channels: Literal[1, 3] = 1,
     workers: int | None = None,
     progress: bool = True,
+    contrast: str = "none",
+    crop_border: float | str = 0.0,
 ) -> ImageCache:
     """Decode, resize and store every image once; resumes an interrupted build, returns a finished one as is.
 
     Unreadable images are zero-filled and marked ``unreadable`` in ``index.csv`` with the reason. A cache in
-    ``out`` built from other paths, size or channels is never overwritten: that raises ValueError.
+    ``out`` built from other paths, size, channels or ``contrast`` / ``crop_border`` (see
+    :func:`~medlens.data.transforms.prepare_image`) is never overwritten: that raises ValueError.
     With ``workers`` > 1 the chunks go to worker processes, which import the main script: call this from
     under ``if __name__ == "__main__":`` there.
     """
@@ -130,9 +135,9 @@ def build_cache(
     out.mkdir(parents=True, exist_ok=True)
     meta, index, done = _read_state(out)
     if meta is None:
-        meta, index, done = _start(out, paths, size, channels)
+        meta, index, done = _start(out, paths, size, channels, contrast, crop_border)
     else:
-        _check_same(out, meta, index, paths, size, channels)
+        _check_same(out, meta, index, paths, {"size": size, "channels": channels, **_options(contrast, crop_border)})
         done = _recover(out, meta, index, done)
     chunk_size = meta["chunk_size"]
     jobs = [
@@ -143,6 +148,8 @@ def build_cache(
             tuple(paths[k * chunk_size : (k + 1) * chunk_size]),
             size,
             channels,
+            contrast,
+            crop_border,
         )
         for k in map(int, np.flatnonzero(~done))
     ]
@@ -195,7 +202,14 @@ def _read_state(out: Path) -> tuple[dict | None, pd.DataFrame | None, np.ndarray
     return meta, index, done
 
 
-def _start(out: Path, paths: list[str], size: int, channels: int) -> tuple[dict, pd.DataFrame, np.ndarray]:
+def _options(contrast: str, crop_border: float | str) -> dict[str, str | float]:
+    """The preprocessing options as cache.json records them (a cache from before them had neither)."""
+    return {"contrast": contrast, "crop_border": crop_border}
+
+
+def _start(
+    out: Path, paths: list[str], size: int, channels: int, contrast: str, crop_border: float | str
+) -> tuple[dict, pd.DataFrame, np.ndarray]:
     """Lay out a new cache; cache.json goes last, so its presence means the layout is complete."""
     n = len(paths)
     chunk_size = _chunk_size(n)
@@ -203,6 +217,7 @@ def _start(out: Path, paths: list[str], size: int, channels: int) -> tuple[dict,
         "version": CACHE_VERSION,
         "size": size,
         "channels": channels,
+        **_options(contrast, crop_border),
         "n": n,
         "chunk_size": chunk_size,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -220,14 +235,15 @@ def _start(out: Path, paths: list[str], size: int, channels: int) -> tuple[dict,
     return meta, index, done
 
 
-def _check_same(out: Path, meta: dict, index: pd.DataFrame | None, paths: list[str], size: int, channels: int) -> None:
+def _check_same(out: Path, meta: dict, index: pd.DataFrame | None, paths: list[str], wanted: dict) -> None:
     """Refuse to mix two different caches in one folder."""
     advice = f"choose another --out, or delete {out} to rebuild it"
     if meta.get("version") != CACHE_VERSION:
         raise ValueError(f"{out} holds a cache of version {meta.get('version')!r}, not {CACHE_VERSION}: {advice}")
-    for key, wanted in (("size", size), ("channels", channels)):
-        if meta[key] != wanted:
-            raise ValueError(f"{out} holds a cache with {key}={meta[key]}, not the requested {key}={wanted}: {advice}")
+    have = {**_options("none", 0.0), **meta}
+    for key, value in wanted.items():
+        if have[key] != value:
+            raise ValueError(f"{out} holds a cache with {key}={have[key]}, not the requested {key}={value}: {advice}")
     if index is None:
         raise ValueError(f"{out} has cache.json but no index.csv: {advice}")
     cached = index["path"].tolist()
@@ -326,7 +342,7 @@ def _cache_chunk(job: _Job) -> _ChunkResult:
             rows[k] = 0
             facts.append((0, 0, exc.problem))
             continue
-        rows[k] = np.rint(resize_image(pixels, job.size) * 255.0).astype(np.uint8)
+        rows[k] = prepare_image(pixels, job.size, job.contrast, job.crop_border)
         facts.append((pixels.shape[0], pixels.shape[1], ""))
     rows.flush()
     return job.chunk, facts

@@ -48,6 +48,26 @@ def patient_folds(table: RecordTable, k: int, seed: int = 0) -> np.ndarray:
     return np.minimum((_patient_positions(table, seed) * k).astype(np.int64), k - 1)
 
 
+def fold_splits(table: RecordTable, k: int, test_fraction: float = 0.0, seed: int = 0) -> Splits:
+    """``fold0`` .. ``fold{k-1}`` over the images outside a held-out ``test`` split (when ``test_fraction`` > 0).
+
+    The test split is carved out first, as :func:`patient_split` would; the folds then cover every other
+    image exactly once. Both are patient-grouped and label-stratified.
+    """
+    rest = np.arange(len(table))
+    splits: Splits = {}
+    if test_fraction > 0:
+        parts = patient_split(table, {"cv": 1.0 - test_fraction, "test": test_fraction}, seed=seed)
+        rest, splits["test"] = parts["cv"], parts["test"]
+    fold_of = patient_folds(table.subset(rest), k, seed)
+    splits = {**{f"fold{i}": rest[fold_of == i] for i in range(k)}, **splits}
+    empty = [name for name, rows in splits.items() if len(rows) == 0]
+    if empty:
+        raise ValueError(f"{k} folds of {len(rest)} images left {empty} empty: choose fewer folds")
+    check_no_leakage(table, splits)
+    return splits
+
+
 def _patient_positions(table: RecordTable, seed: int) -> np.ndarray:
     """Each row's place in [0, 1) along its stratum's shuffled patient line (same for a patient's rows)."""
     frame = pd.DataFrame({"patient": table.patient_ids, "stratum": _row_strata(table)})

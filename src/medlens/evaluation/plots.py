@@ -283,3 +283,54 @@ def plot_samples(
         ax.set_title(caption, fontsize=8, color=CORRECT_COLOUR if right else WRONG_COLOUR)
     fig.tight_layout()
     return _finish(fig, out)
+
+
+def plot_fold_histories(histories: Mapping[str, pd.DataFrame], out: str | Path | None = None) -> bytes:
+    """Cross-validation curves: loss (train solid, validation dashed) and validation metrics, a colour per fold."""
+    plt = _pyplot()
+    frames = list(histories.values())
+    metrics = [c for c in ("val_auc", "val_accuracy") if any(c in h and h[c].notna().any() for h in frames)]
+    fig, axes = plt.subplots(1, 1 + len(metrics), figsize=(4.5 * (1 + len(metrics)), 3.4), squeeze=False)
+    loss_ax = axes[0, 0]
+    for (name, history), style in zip(histories.items(), _styles(len(histories)), strict=True):
+        epochs = history["epoch"] + 1
+        shared = {"color": style["color"], "marker": "o", "markersize": 3}
+        loss_ax.plot(epochs, history["train_loss"], **shared, label=f"{name} train")
+        loss_ax.plot(epochs, history["val_loss"], **shared, linestyle="--", label=f"{name} validation")
+        for ax, column in zip(axes[0, 1:], metrics, strict=True):
+            ax.plot(epochs, history[column], **shared, label=name)
+    loss_ax.set(title="loss", xlabel="epoch")
+    loss_ax.legend(fontsize=7, ncol=2)
+    for ax, column in zip(axes[0, 1:], metrics, strict=True):
+        ax.set(title=column.replace("val_", "validation "), xlabel="epoch", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    return _finish(fig, out)
+
+
+def plot_search(
+    numbers: Sequence[int],
+    values: Sequence[float],
+    pruned: Sequence[bool],
+    best_so_far: Sequence[float],
+    out: str | Path | None = None,
+) -> bytes:
+    """A hyperparameter search: each trial's objective (pruned ones at their last report) and the best so far."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    done = [i for i, p in enumerate(pruned) if not p]
+    stopped = [i for i, p in enumerate(pruned) if p]
+    ax.scatter([numbers[i] for i in done], [values[i] for i in done], color="tab:blue", label="trial")
+    ax.scatter(
+        [numbers[i] for i in stopped], [values[i] for i in stopped], color="tab:gray", marker="x", label="pruned"
+    )
+    ax.step(numbers, best_so_far, where="post", color="tab:green", label="best so far")
+    ax.set(xlabel="trial", ylabel="objective")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, out)

@@ -1,8 +1,9 @@
 """Class activation maps by name, computed by pytorch-grad-cam on the layer every model names.
 
 Each method is the package's own class (a new one overrides one step of its ``BaseCAM``); medlens only
-says which layer to hook (``model.cam_layer``), how to turn ViT tokens into a map (``model.cam_reshape``)
-and which output to explain: the logit of a finding (multi-label) or of a class (multi-class).
+says which layer to hook (``model.cam_layer``; a fold ensemble's ``cam_layers``, one per member, whose
+maps grad-cam averages), how to turn ViT tokens into a map (``model.cam_reshape``) and which output to
+explain: the logit of a finding (multi-label) or of a class (multi-class).
 
 A :class:`CamExplainer` registers its hooks once and is reused for every image, as the server does. A map
 needs d(logit)/d(activation) only, so while it runs the model's weights are not asked for gradients and
@@ -63,10 +64,11 @@ class CamExplainer:
         self.method = method
         self.model = model.eval()
         self._lock = threading.Lock()
-        layer = model.cam_layer
+        # A fold ensemble names each member's layer: grad-cam then averages the members' normalised maps.
+        layers = getattr(model, "cam_layers", [model.cam_layer])
         # Ahead of grad-cam's own hooks, so they record (and attach their gradient hook to) the cut output.
-        self._cut = layer.register_forward_hook(self._cut_graph, prepend=True)
-        self._cam = cam_class(model, [layer], reshape_transform=model.cam_reshape)
+        self._cuts = [layer.register_forward_hook(self._cut_graph, prepend=True) for layer in layers]
+        self._cam = cam_class(model, layers, reshape_transform=model.cam_reshape)
         if isinstance(self._cam, ScoreCAM):
             self._cam.batch_size = SCORECAM_BATCH_SIZE
 
@@ -90,7 +92,8 @@ class CamExplainer:
 
     def close(self) -> None:
         """Remove the hooks from the model."""
-        self._cut.remove()
+        for cut in self._cuts:
+            cut.remove()
         self._cam.activations_and_grads.release()
 
     def __enter__(self) -> CamExplainer:

@@ -80,10 +80,22 @@ def _check_run_dir(run_dir: Path, resume: bool, ctx: distributed.Dist) -> None:
 
 def prepare_data(config: Config, run_dir: Path, ctx: distributed.Dist) -> RunData:
     """The table, its patient-grouped splits (kept in splits.csv) and the preprocessing cache."""
+    table, cache, cache_rows = load_cached_table(config, run_dir, ctx)
+    splits = _load_or_make_splits(config, run_dir, table, ctx)
+    return RunData(table, splits, cache, cache_rows)
+
+
+def load_cached_table(
+    config: Config, run_dir: Path, ctx: distributed.Dist
+) -> tuple[RecordTable, ImageCache, np.ndarray]:
+    """The table of readable images, the preprocessing cache holding them, and each image's cache row."""
     table = _load_table(config, run_dir, ctx)
-    cache_dir = Path(config.data.cache) if config.data.cache else run_dir / "cache"
+    d = config.data
+    cache_dir = Path(d.cache) if d.cache else run_dir / "cache"
     if ctx.is_main:
-        build_cache(table.paths, cache_dir, size=config.data.image_size, channels=config.data.channels)
+        build_cache(
+            table.paths, cache_dir, d.image_size, d.channels, contrast=d.contrast, crop_border=d.crop_border
+        )
     distributed.barrier(ctx)
     cache = ImageCache(cache_dir)
     cache_rows = cache.indices_of([str(p) for p in table.paths])
@@ -91,26 +103,30 @@ def prepare_data(config: Config, run_dir: Path, ctx: distributed.Dist) -> RunDat
     if not readable.all():
         log.warning("%d unreadable images left out of training", int((~readable).sum()))
         table, cache_rows = table.subset(np.flatnonzero(readable)), cache_rows[readable]
-    splits = _load_or_make_splits(config, run_dir, table, ctx)
-    return RunData(table, splits, cache, cache_rows)
+    return table, cache, cache_rows
 
 
 def _load_table(config: Config, run_dir: Path, ctx: distributed.Dist) -> RecordTable:
     if config.data.source == PHANTOMS:
-        from medlens.data.phantoms import generate_phantoms
-
-        folder = run_dir / "phantoms"
-        spec = config.data.phantoms
-        if ctx.is_main and not (folder / "BBox_List_2017.csv").exists():
-            generate_phantoms(folder, n=spec.n, task=spec.task, size=spec.size, seed=spec.seed, progress=False)
-        distributed.barrier(ctx)
-        return load_source(folder)
+        return load_source(phantom_folder(config, run_dir, ctx))
     table = load_source(config.data.source, config.data.format)  # type: ignore[arg-type]
     if config.data.views:
         if "view" not in table.frame.columns:
             raise ConfigError(f"data.views={config.data.views} but {config.data.source} has no view column")
         table = table.subset(np.flatnonzero(table.frame["view"].isin(config.data.views).to_numpy()))
     return table
+
+
+def phantom_folder(config: Config, run_dir: Path, ctx: distributed.Dist) -> Path:
+    """``run_dir/phantoms``, generated there as ``data.phantoms`` says unless it already is."""
+    from medlens.data.phantoms import generate_phantoms
+
+    folder = run_dir / "phantoms"
+    spec = config.data.phantoms
+    if ctx.is_main and not (folder / "BBox_List_2017.csv").exists():
+        generate_phantoms(folder, n=spec.n, task=spec.task, size=spec.size, seed=spec.seed, progress=False)
+    distributed.barrier(ctx)
+    return folder
 
 
 def _load_or_make_splits(config: Config, run_dir: Path, table: RecordTable, ctx: distributed.Dist) -> dict:
@@ -209,6 +225,8 @@ def manifest_for(config: Config, data: RunData, model: nn.Module) -> dict[str, A
             "mean": list(model.mean),
             "std": list(model.std),
             "resize": "squash",
+            "contrast": config.data.contrast,
+            "crop_border": config.data.crop_border,
         },
         "data": {
             "source": str(data.table.root if source == PHANTOMS else Path(source).resolve()),
@@ -437,8 +455,12 @@ def _resume_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def _calibrate_best(config: Config, run_dir: Path, data: RunData, ctx: distributed.Dist) -> None:
-    """Temperature and operating thresholds fitted on the validation split, stored in best/."""
-    from medlens.evaluation.metrics import choose_thresholds, fit_temperature
+    """Temperature and operating thresholds fitted on the validation split, stored in best/.
+
+    Multi-label runs also store each label's validation sensitivity and specificity at its threshold
+    (``operating_points``), which per-study reports quote beside every finding.
+    """
+    from medlens.evaluation.metrics import choose_thresholds, fit_temperature, multilabel_metrics
 
     model = build_model(config, len(data.table.label_names))
     model.load_state_dict(load_weights(run_dir / "best"))
@@ -451,7 +473,14 @@ def _calibrate_best(config: Config, run_dir: Path, data: RunData, ctx: distribut
     probs = probabilities(torch.from_numpy(logits), task, temperature).numpy()
     method = config.train.threshold_method
     thresholds = [0.5 if t is None else float(t) for t in choose_thresholds(labels, probs, method=method)]
-    update_manifest(run_dir / "best", temperature=temperature, thresholds=thresholds)
+    fields: dict[str, Any] = {"temperature": temperature, "thresholds": thresholds}
+    if task == "multilabel":
+        per_class = multilabel_metrics(labels, probs, data.table.label_names, thresholds)["per_class"]
+        fields["operating_points"] = {
+            name: {key: point[key] for key in ("sensitivity", "specificity", "n_positive", "n_known")}
+            for name, point in per_class.items()
+        }
+    update_manifest(run_dir / "best", **fields)
 
 
 def _plot_history(run_dir: Path) -> None:
