@@ -42,43 +42,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from common import SHARED, random_checkpoint
 
 from medlens.inference import Predictor
-from medlens.models import create_model
 from medlens.runtime import apply_cpu_defaults
-from medlens.training.checkpoint import save_checkpoint
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 IMAGE = SHARED / "nih14" / "images" / "00000061_012.png"
-NIH_LABELS = [
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
-    "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
-]  # fmt: skip
 HOST = "127.0.0.1"
 SERVER = """
 import sys, uvicorn
 from medlens.serve.app import create_app
 uvicorn.run(create_app(sys.argv[1]), host=sys.argv[2], port=int(sys.argv[3]), log_level="warning")
 """
-
-
-def random_checkpoint(folder: Path, model_name: str, size: int) -> Path:
-    """A checkpoint with random weights: the cost of serving does not depend on what the weights learned."""
-    torch.manual_seed(0)
-    model = create_model(model_name, num_classes=len(NIH_LABELS), in_chans=1, pretrained=False)
-    manifest = {
-        "task": "multilabel",
-        "labels": NIH_LABELS,
-        "model": {"name": model_name, "num_classes": len(NIH_LABELS), "in_chans": 1, "head": "linear"},
-        "preprocessing": {
-            "image_size": size, "channels": 1, "mean": list(model.mean), "std": list(model.std), "resize": "squash"
-        },
-        "data": {"source": "none: random weights for benchmarking", "kind": "none"},
-        "thresholds": [0.5] * len(NIH_LABELS),
-        "temperature": 1.0,
-        "metrics": {},
-    }  # fmt: skip
-    return save_checkpoint(folder / "best", model, manifest)
 
 
 def free_port() -> int:

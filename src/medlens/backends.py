@@ -1,0 +1,92 @@
+"""Where a Predictor's forward pass runs: the checkpoint's torch model, or its ONNX export under ONNX Runtime.
+
+``medlens export`` writes ``model.onnx`` into a checkpoint and records in its manifest (``onnx``) the
+sha256 of the graph and of the weights it was exported from, the parity it measured, and which backend
+ran faster there. The default backend, ``auto``, takes ONNX Runtime only when that record says it was
+faster and both hashes still match; a retrained, edited or damaged checkpoint runs torch, with a warning
+naming the problem, so a stale graph is never used. ``MEDLENS_BACKEND=torch|onnxruntime`` (or the
+``backend`` argument) forces one; forcing ``onnxruntime`` without a matching export is an error.
+The torch model is always loaded: heatmaps need its gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medlens.errors import CheckpointError, ConfigError
+from medlens.training.checkpoint import WEIGHTS
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+BACKEND_ENV = "MEDLENS_BACKEND"
+ONNX_FILE = "model.onnx"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_problem(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """Why the checkpoint's ONNX export cannot stand in for its weights, or None if it can."""
+    advice = f"re-export with: medlens export {folder} --format onnx"
+    record = manifest.get("onnx")
+    if not record:
+        return f"{folder} has no ONNX export; create one with: medlens export {folder} --format onnx"
+    path = folder / ONNX_FILE
+    if not path.is_file():
+        return f"{path} is missing although the manifest records an export; {advice}"
+    if file_sha256(folder / WEIGHTS) != record.get("weights_sha256"):
+        return f"{path} was exported from other weights than {folder / WEIGHTS} (the checkpoint changed); {advice}"
+    if file_sha256(path) != record.get("sha256"):
+        return f"{path} differs from the file exported (sha256 mismatch: damaged or replaced); {advice}"
+    return None
+
+
+def choose_backend(folder: Path, manifest: dict[str, Any], backend: str | None = None) -> str:
+    """``torch`` or ``onnxruntime`` for this checkpoint: ``backend``, else $MEDLENS_BACKEND, else ``auto``."""
+    wanted = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if wanted not in BACKENDS:
+        raise ConfigError(f"unknown backend {wanted!r} (from {BACKEND_ENV} or --backend); choose one of {BACKENDS}")
+    if wanted == "torch":
+        return "torch"
+    if wanted == "auto" and (manifest.get("onnx") or {}).get("faster") != "onnxruntime":
+        return "torch"
+    problem = export_problem(folder, manifest)
+    if problem is None:
+        return "onnxruntime"
+    if wanted == "onnxruntime":
+        raise CheckpointError(problem)
+    log.warning("not using the ONNX export: %s. Predicting with torch.", problem)
+    return "torch"
+
+
+class OnnxRunner:
+    """An ONNX Runtime session over an exported graph: a float32 (B, C, H, W) batch in, logits out."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: its graph-optimiser notes are not the user's concern
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises its own pybind types for unreadable graphs
+            raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from None
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.detach().cpu().float().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input: batch})[0]).float()
