@@ -41,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(jobs)
     _add_evaluate(jobs)
     _add_predict(jobs)
+    _add_export(jobs)
     _add_explain(jobs)
     _add_serve(jobs)
     _add_demo(jobs)
+    _add_tune(jobs)
     _add_faces(jobs)
     return parser
 
@@ -122,6 +124,12 @@ def _add_train(jobs: argparse._SubParsersAction) -> None:
         help="override a config key, e.g. --set train.epochs=2 (repeatable)",
     )
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last")
+    train.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="patient-grouped K-fold cross-validation: RUN_DIR/fold{i}/, cv_metrics.json and the ensemble/",
+    )
     train.set_defaults(handler=_train)
 
 
@@ -131,11 +139,19 @@ def _train(args: argparse.Namespace) -> int:
     from medlens.training.fit import train
 
     if is_face_config(args.config):
+        if args.folds:
+            raise MedlensError(f"--folds cross-validates image classifiers; {args.config} is a face config")
         result = train_from_config(load_face_config(args.config, args.overrides), args.out)
         print(f"face head trained: checkpoint {result.checkpoint}, top-1 {result.metrics['accuracy']:.3f}")
         return 0
 
     config = load_config(args.config, args.overrides)
+    if args.folds:
+        from medlens.training.cv import ENSEMBLE_DIR, cross_validate, format_cv
+
+        print(format_cv(cross_validate(config, args.out, args.folds, resume=args.resume)))
+        print(f"ensemble checkpoint: {args.out / ENSEMBLE_DIR}")
+        return 0
     best = train(config, args.out, resume=args.resume)
     print("best epoch " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in best.items()))
     return 0
@@ -207,6 +223,19 @@ def _add_predict(jobs: argparse._SubParsersAction) -> None:
     predict.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders, or a data CSV")
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV (default predictions.csv)")
     predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime"],
+        help="where forward passes run (default: $MEDLENS_BACKEND, else auto: ONNX Runtime if exported and faster)",
+    )
+    predict.add_argument(
+        "--report", type=Path, metavar="DIR", help="also write a study report per image (HTML, PDF) and an index"
+    )
+    predict.add_argument("--view", help="reports: the view (PA, AP, ...) of images whose DICOM or record names none")
+    predict.add_argument(
+        "--patient-label", metavar="TEXT", help="reports: a label to print on each (nothing from the files is)"
+    )
+    predict.add_argument("--no-pdf", action="store_true", help="reports: HTML only, even where Chromium is installed")
     predict.set_defaults(handler=_predict)
 
 
@@ -219,9 +248,93 @@ def _predict(args: argparse.Namespace) -> int:
 
         written = predict_faces_to_csv(args.checkpoint, args.inputs, args.out)
         print(f"wrote {written} rows to {args.out}")
+        if args.report:
+            _face_reports(args)
         return 0
-    written = predict_to_csv(Predictor.from_checkpoint(args.checkpoint), args.inputs, args.out, args.batch_size)
+    predictor = Predictor.from_checkpoint(args.checkpoint, backend=args.backend)
+    written = predict_to_csv(predictor, args.inputs, args.out, args.batch_size)
     print(f"wrote {written} rows to {args.out}")
+    if args.report:
+        from medlens.predict import write_classifier_reports
+        from medlens.serve.service import expects_chest_xrays
+
+        index = write_classifier_reports(
+            predictor,
+            args.inputs,
+            args.report,
+            view=args.view,
+            patient_label=args.patient_label,
+            xray_guard=expects_chest_xrays(predictor.manifest),
+            pdf=not args.no_pdf,
+        )
+        print(f"reports: {index}")
+    return 0
+
+
+def _face_reports(args: argparse.Namespace) -> None:
+    from medlens.faces.pipeline import FacePredictor
+    from medlens.predict import write_face_reports
+
+    predictor = FacePredictor.from_checkpoint(args.checkpoint)
+    pdf = not args.no_pdf
+    index = write_face_reports(predictor, args.inputs, args.report, patient_label=args.patient_label, pdf=pdf)
+    print(f"reports: {index}")
+
+
+def _add_export(jobs: argparse._SubParsersAction) -> None:
+    export = jobs.add_parser(
+        "export", help="write model.onnx into a checkpoint, parity-checked and timed against torch"
+    )
+    export.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument(
+        "--images", nargs="+", default=[], metavar="PATH", help="real images (files, folders, a data CSV) for parity"
+    )
+    export.add_argument("--batch-size", type=int, default=32, help="batch the two backends are timed at")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18; at least 17)")
+    export.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from medlens.export import PARITY_TOLERANCE, export_onnx
+
+    r = export_onnx(args.checkpoint, args.images, batch_size=args.batch_size, opset=args.opset)
+    print(
+        f"wrote {r.path} ({r.exporter} exporter, opset {r.opset}); max |logit difference| {r.parity_max_abs_diff:.1e} "
+        f"on {r.parity_images} {r.parity_source} images (allowed {PARITY_TOLERANCE:.0e})"
+    )
+    print(
+        f"batch {r.batch_size}: torch {r.torch_img_s:.1f} img/s, ONNX Runtime {r.onnxruntime_img_s:.1f} img/s; "
+        f"predict and serve will use {r.faster}"
+    )
+    if r.parity_source == "generated":
+        print("parity was checked on generated images; pass --images with real ones for the stronger check")
+    return 0
+
+
+def _add_tune(jobs: argparse._SubParsersAction) -> None:
+    tune = jobs.add_parser("tune", help="hyperparameter search by cross-validation (Optuna; resumable)")
+    tune.add_argument("config", type=Path, help="YAML config to start from, e.g. configs/cxr4.yaml")
+    tune.add_argument("--out", required=True, type=Path, help="folder: optuna.db, best.yaml, search.png, trials/")
+    tune.add_argument("--trials", type=int, default=20, help="total finished trials, counting earlier runs (20)")
+    tune.add_argument("--folds", type=int, default=5, help="cross-validation folds per trial (default 5)")
+    tune.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    tune.add_argument("--image-sizes", type=int, nargs="+", default=[128, 224, 320], metavar="PX", help="sizes to try")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tune.set_defaults(handler=_tune)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from medlens.config import load_config
+    from medlens.tune import BEST_CONFIG_FILE, SearchSpace, tune
+
+    config = load_config(args.config, args.overrides)
+    space = SearchSpace(image_sizes=tuple(args.image_sizes))
+    study = tune(config, args.out, args.trials, args.folds, timeout=args.timeout, space=space)
+    best = study.best_trial
+    print(f"best of {len(study.trials)} trials: #{best.number}, pooled out-of-fold macro AUC {best.value:.4f}")
+    print(" ".join(f"{k}={v}" for k, v in best.params.items()))
+    print(f"config: {args.out / BEST_CONFIG_FILE}")
     return 0
 
 

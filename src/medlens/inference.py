@@ -1,7 +1,7 @@
 """One Predictor: load a checkpoint, read and preprocess images, predict.
 
 evaluate, explain, predict and serve all go through it, so preprocessing can never drift between them.
-Its preprocessing is the cache's (read, squash-resize, quantise to 8 bits, normalise), so a model sees
+Its preprocessing is the cache's (read, crop, squash-resize, quantise to 8 bits, contrast, normalise), so a model sees
 the same pixels in training and in use.
 """
 
@@ -15,20 +15,34 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from medlens.backends import ONNX_FILE, OnnxRunner, choose_backend
 from medlens.data.readers import ImageSource, read_image
-from medlens.data.transforms import resize_image
+from medlens.data.transforms import prepare_image
 from medlens.errors import CheckpointError
 from medlens.runtime import apply_cpu_defaults, to_channels_last
 from medlens.training.batches import to_input
 from medlens.training.checkpoint import load_weights, read_manifest, resolve_checkpoint
+from medlens.training.ensemble import model_from_manifest
 from medlens.training.losses import probabilities
 
 
 class Predictor:
-    """A loaded checkpoint that turns images into probabilities."""
+    """A loaded checkpoint that turns images into probabilities.
 
-    def __init__(self, model: torch.nn.Module, manifest: dict[str, Any], path: Path | None = None):
+    ``model`` is always the torch model (heatmaps need it); with an ``onnx`` runner, plain forward passes
+    run on ONNX Runtime instead (see :mod:`medlens.backends`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        manifest: dict[str, Any],
+        path: Path | None = None,
+        onnx: OnnxRunner | None = None,
+    ):
         self.model = to_channels_last(model.eval())
+        self.onnx = onnx
+        self.backend = "torch" if onnx is None else "onnxruntime"
         self.manifest = manifest
         self.path = path
         prep = manifest["preprocessing"]
@@ -38,40 +52,34 @@ class Predictor:
         self.channels: int = int(prep["channels"])
         self.mean: list[float] = list(prep["mean"])
         self.std: list[float] = list(prep["std"])
+        self.contrast: str = prep.get("contrast", "none")
+        self.crop_border: float | str = prep.get("crop_border", 0.0)
         self.temperature: float = float(manifest.get("temperature", 1.0))
         self.thresholds: list[float] = list(manifest.get("thresholds") or [0.5] * len(self.labels))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> Predictor:
-        """Load a checkpoint folder (or a run folder's best/) without unpickling anything."""
-        from medlens.models import create_model
+    def from_checkpoint(cls, path: str | Path, backend: str | None = None) -> Predictor:
+        """Load a checkpoint folder (or a run folder's best/) without unpickling anything.
 
+        ``backend``: ``auto`` (default; $MEDLENS_BACKEND overrides), ``torch`` or ``onnxruntime``.
+        """
         apply_cpu_defaults()
         folder = resolve_checkpoint(path)
         manifest = read_manifest(folder)
-        spec = manifest["model"]
-        model = create_model(
-            spec["name"],
-            num_classes=int(spec["num_classes"]),
-            in_chans=int(spec["in_chans"]),
-            pretrained=False,
-            head=spec.get("head", "linear"),
-            head_hidden=spec.get("head_hidden", []),
-            head_dropout=float(spec.get("head_dropout", 0.0)),
-        )
+        model = model_from_manifest(manifest)  # a fold ensemble is one module too
         try:
             model.load_state_dict(load_weights(folder))
         except RuntimeError as exc:
             raise CheckpointError(f"{folder}: weights do not fit the model its manifest names ({exc})") from None
-        return cls(model, manifest, folder)
+        onnx = OnnxRunner(folder / ONNX_FILE) if choose_backend(folder, manifest, backend) == "onnxruntime" else None
+        return cls(model, manifest, folder, onnx)
 
     def read(self, source: ImageSource, name: str | None = None) -> np.ndarray:
         return read_image(source, channels=self.channels, name=name)  # type: ignore[arg-type]
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
         """float [0, 1] image -> the uint8 model-size image the cache would hold."""
-        resized = resize_image(pixels, self.image_size)
-        return np.rint(resized * 255.0).astype(np.uint8)
+        return prepare_image(pixels, self.image_size, self.contrast, self.crop_border)
 
     def to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Read images (float [0, 1]) -> the normalised model input batch."""
@@ -84,6 +92,8 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onnx is not None:
+            return self.onnx(x)
         return self.model(x).float()
 
     def probabilities(self, x: torch.Tensor) -> np.ndarray:

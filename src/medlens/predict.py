@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,10 @@ from medlens.data.readers import IMAGE_SUFFIXES
 from medlens.data.records import load_source
 from medlens.errors import DataSourceError, ImageReadError
 from medlens.inference import Predictor
+
+if TYPE_CHECKING:
+    from medlens.explain.study import Study
+    from medlens.faces.pipeline import FacePredictor
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,107 @@ def predict_to_csv(
             bar.update(len(chunk))
         bar.close()
     return written
+
+
+def write_classifier_reports(
+    predictor: Predictor,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    method: str = "gradcam",
+    view: str | None = None,
+    patient_label: str | None = None,
+    xray_guard: bool = True,
+    pdf: bool = True,
+    progress: bool = True,
+) -> Path:
+    """A study report per image through an image checkpoint (see :func:`write_reports`); returns the index."""
+    from medlens.explain.cam import CamExplainer
+    from medlens.explain.study import classifier_study
+
+    with CamExplainer(predictor.model, method) as explainer:
+
+        def study_of(data: bytes, name: str, image_view: str | None) -> Study:
+            return classifier_study(
+                predictor,
+                explainer,
+                data,
+                name=name,
+                view=image_view,
+                patient_label=patient_label,
+                xray_guard=xray_guard,
+            )
+
+        return write_reports(study_of, inputs, out, view=view, pdf=pdf, progress=progress)
+
+
+def write_face_reports(
+    predictor: FacePredictor,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    patient_label: str | None = None,
+    pdf: bool = True,
+    progress: bool = True,
+) -> Path:
+    """A study report per photo through a face checkpoint (see :func:`write_reports`); returns the index."""
+    from medlens.explain.study import face_study_of
+
+    def study_of(data: bytes, name: str, image_view: str | None) -> Study:
+        return face_study_of(predictor, data, patient_label=patient_label, name=name)
+
+    return write_reports(study_of, inputs, out, pdf=pdf, progress=progress)
+
+
+def write_reports(
+    study_of: Callable[[bytes, str, str | None], Study],
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    view: str | None = None,
+    pdf: bool = True,
+    progress: bool = True,
+) -> Path:
+    """``out/<stem>.html`` per image (and ``.pdf`` where Chromium is installed), and ``out/index.html``.
+
+    ``study_of(data, name, view)`` gathers one image's facts; an image's view is the one its data-source
+    record names, else ``view``. Unreadable images are listed in the index with the reason.
+    """
+    from medlens.explain.run import _unique_stem
+    from medlens.explain.study_report import INDEX_FILE, IndexEntry, brief, find_chromium, render_index, write_study
+    from medlens.io import write_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = collect_images(inputs)
+    views = record_views(inputs)
+    chromium = find_chromium() if pdf else None
+    if pdf and chromium is None:
+        log.warning("no Chromium on PATH: writing HTML reports only (scripts/setup-system.sh installs it for PDFs)")
+    entries: list[IndexEntry] = []
+    stems: set[str] = set()
+    for path in tqdm(paths, desc="reports", unit="img", disable=not progress):
+        stem = _unique_stem(path.stem, stems)
+        try:
+            study = study_of(path.read_bytes(), path.name, views.get(path, view))
+        except ImageReadError as exc:
+            log.warning("%s: no report (%s)", path, exc.problem)
+            entries.append(IndexEntry(path.name, None, None, f"unreadable: {exc.problem}"))
+            continue
+        page, printed = write_study(study, out / f"{stem}.html", chromium)
+        entries.append(IndexEntry(path.name, page.name, printed.name if printed else None, brief(study)))
+    return write_atomic(out / INDEX_FILE, render_index(entries))
+
+
+def record_views(inputs: Sequence[str | Path]) -> dict[Path, str]:
+    """The view (PA, AP, ...) that data-source CSVs among ``inputs`` record for their images."""
+    views: dict[Path, str] = {}
+    for item in map(Path, inputs):
+        if item.is_file() and item.name.lower().endswith((".csv", ".csv.gz")):
+            table = load_source(item)
+            if "view" in table.frame:
+                views |= {p: str(v) for p, v in zip(table.paths, table.frame["view"], strict=True) if pd.notna(v)}
+    return views
 
 
 def _prefetched(

@@ -1,7 +1,8 @@
 """The HTTP app, kept thin: the model loads once in the lifespan; handlers parse, call it, serialise.
 
-``GET /health`` (never needs a token), ``GET /model``, ``POST /predict`` and the page at ``GET /``.
-With a token, ``/model``, ``/predict`` and ``/openapi.json`` need ``Authorization: Bearer TOKEN`` and
+``GET /health`` (never needs a token), ``GET /model``, ``POST /predict``, ``POST /report`` (a study report
+to download) and the page at ``GET /``.
+With a token, ``/model``, ``/predict``, ``/report`` and ``/openapi.json`` need ``Authorization: Bearer TOKEN`` and
 ``/docs`` is off (the page itself is a static shell that holds no data, so it stays public, as does
 ``/health``).
 Uploads are read into memory with a size cap and never written to disk; nothing logged carries image
@@ -21,12 +22,13 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medlens.errors import ConfigError, ImageReadError
+from medlens.explain.study_report import render_study
 from medlens.serve.schemas import ErrorResponse, Health, Limits, ModelInfo, Prediction
 from medlens.serve.service import SERVED_CAM_METHODS, PredictOptions, ServedModel, load_served_model
 from medlens.serve.uploads import RequestError, file_field
@@ -42,6 +44,10 @@ DEFAULT_MAX_PIXELS = 16_000_000
 """Enough for any chest film (a 4,000 x 4,000 detector); a larger image would cost seconds and gigabytes."""
 DEFAULT_REQUEST_SECONDS = 120.0
 """Longest a request may queue for and use the model: a ScoreCAM-free heatmap request takes ~1 s on 2 cores."""
+
+VIEW = r"^[A-Za-z]{1,12}$"
+REPORT_FILENAME = "medlens-report.html"
+"""Never the upload's own name, which may name the patient; the page names its download after the file."""
 
 CamMethod = Enum("CamMethod", {name: name for name in SERVED_CAM_METHODS}, type=str)  # type: ignore[misc]
 DEFAULT_METHOD = CamMethod("gradcam")
@@ -59,6 +65,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "the model is not loaded yet, or the request could not be served in time"),
     )
 }
+JSON_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {
+        "description": answer["description"],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for status, answer in ERRORS.items()
+}
+"""ERRORS for a route whose own answer is not JSON: FastAPI would document them in the route's media type."""
 UPLOAD_BODY = {
     "required": True,
     "content": {
@@ -201,6 +215,25 @@ def _add_routes(app: FastAPI, guard: Any) -> None:
             " (flagged: not a chest X-ray)" if prediction.ood and prediction.ood.flag else "",
         )
         return prediction
+
+    @app.post(
+        "/report",
+        response_class=HTMLResponse,
+        responses=JSON_ERRORS,
+        dependencies=[Depends(guard)],
+        openapi_extra={"requestBody": UPLOAD_BODY},
+        tags=["model"],
+    )
+    def report(
+        request: Request,
+        model: Annotated[ServedModel, Depends(served_model)],
+        body: Annotated[bytes, Depends(upload)],
+        view: Annotated[str | None, Query(description="PA, AP...: the view if a DICOM says none", pattern=VIEW)] = None,
+    ) -> HTMLResponse:
+        """The study report of one image (multipart field ``file``): one self-contained HTML file to download."""
+        data = file_field(body, request.headers.get("content-type"))
+        page = render_study(model.study(data, view))
+        return HTMLResponse(page, headers={"Content-Disposition": f'attachment; filename="{REPORT_FILENAME}"'})
 
     if app.openapi_url is None:
 

@@ -31,6 +31,7 @@ from PIL import Image
 from medlens.data.readers import LoadedImage, load_image
 from medlens.explain.cam import CAM_METHODS, CamExplainer
 from medlens.explain.overlay import blend
+from medlens.explain.study import Study, classifier_study, face_study_of
 from medlens.faces.detect import NoFaceError
 from medlens.faces.pipeline import FACE_KIND, FacePredictor
 from medlens.inference import Predictor
@@ -56,6 +57,7 @@ TOP_K = 3
 SERVED_CAM_METHODS = [name for name in CAM_METHODS if name != "scorecam"]
 """ScoreCAM runs a forward pass per feature channel (2,048 for ResNet-50: a minute on 2 cores), holding the
 model thread from every other request meanwhile; the CLI's explain job still offers it."""
+REPORT_CAM_METHOD = "gradcam"
 HEATMAP_MAX_SIDE = 768
 """Heatmaps of larger images are drawn over a copy shrunk to this longest side: a page shows less, and
 the overlay of a 1024 px film costs ~4x the time to colour and compress."""
@@ -79,6 +81,8 @@ class ServedModel(Protocol):
     def info(self) -> ModelInfo: ...
 
     def predict(self, data: bytes, options: PredictOptions) -> Prediction: ...
+
+    def study(self, data: bytes, view: str | None) -> Study: ...
 
     def close(self) -> None: ...
 
@@ -229,6 +233,22 @@ class ClassifierModel:
             timings_ms=clock.timings(),
         )
 
+    def study(self, data: bytes, view: str | None) -> Study:
+        """The facts of a study report; reports are rare, so all their work, reading included, runs on the
+        model thread, where the raw heatmaps whose peaks name the zones come from the CAM model."""
+        return self._workers.model(self._workers.deadline(), self._study, data, view)
+
+    def _study(self, data: bytes, view: str | None) -> Study:
+        return classifier_study(
+            Predictor(self._cam_model, self.predictor.manifest, self.predictor.path),
+            self._explainer_for(REPORT_CAM_METHOD),
+            data,
+            view=view,
+            xray_guard=self.guard,
+            name="upload",
+            max_pixels=self.limits.max_pixels,
+        )
+
     def _check(self, loaded: LoadedImage, data: bytes) -> OodReport | None:
         if not self.guard:
             return None
@@ -248,12 +268,17 @@ class ClassifierModel:
 
     def _maps(self, x: torch.Tensor, shown: list[str], method: str) -> list[np.ndarray]:
         """The ``method`` map of each label in ``shown``; runs on the model thread only."""
+        explainer = self._explainer_for(method)
+        return [explainer(x, self.labels.index(label)) for label in shown]
+
+    def _explainer_for(self, method: str) -> CamExplainer:
+        """The CAM model's explainer for ``method``; model thread only."""
         if self._explainer is None or self._explainer.method != method:
             # One explainer at a time: each one's hooks fire on every forward of the CAM model.
             if self._explainer is not None:
                 self._explainer.close()
             self._explainer = CamExplainer(self._cam_model, method)
-        return [self._explainer(x, self.labels.index(label)) for label in shown]
+        return self._explainer
 
     def close(self) -> None:
         self._workers.close()
@@ -325,6 +350,14 @@ class FaceModel:
             ood=None,
             timings_ms=clock.timings(),
         )
+
+    def study(self, data: bytes, view: str | None) -> Study:
+        """The facts of a study report: the ranking of the largest face and its occlusion map; 422 without a face,
+        as for :meth:`predict`."""
+        study = self._workers.model(self._workers.deadline(), face_study_of, self.predictor, data, name="upload")
+        if study.no_face:
+            raise RequestError(422, "no_face", study.no_face)
+        return study
 
     def close(self) -> None:
         self._workers.close()

@@ -13,7 +13,7 @@ const state = {
   shown: null, // label of the heatmap on screen, or null for the original
 };
 
-async function call(path, options = {}) {
+async function call(path, options = {}, read = (response) => response.json()) {
   const headers = state.token ? { Authorization: `Bearer ${state.token}` } : {};
   let response;
   try {
@@ -21,14 +21,14 @@ async function call(path, options = {}) {
   } catch (err) {
     throw new Error(`the server cannot be reached (${err.message})`);
   }
-  const body = await response.json().catch(() => null);
   if (!response.ok) {
+    const body = await response.json().catch(() => null);
     const detail = body && body.detail ? body.detail : `HTTP ${response.status}`;
     const error = new Error(detail);
     error.status = response.status;
     throw error;
   }
-  return body;
+  return read(response);
 }
 
 function showError(message) {
@@ -69,8 +69,35 @@ function choose(file) {
   $("preview").src = state.previewUrl || "";
   $("results").hidden = true;
   $("ood").hidden = true;
+  $("report-actions").hidden = true;
   showView();
   predict([]);
+}
+
+async function downloadReport() {
+  const file = state.file;
+  const form = new FormData();
+  form.append("file", file);
+  $("download-report").disabled = true;
+  setStatus("Writing the report…");
+  showError("");
+  try {
+    const blob = await call("/report", { method: "POST", body: form }, (response) => response.blob());
+    const link = item("a", "");
+    link.href = URL.createObjectURL(blob);
+    link.download = `${file.name.replace(/\.[^.]*$/, "")}-report.html`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+    setStatus("");
+  } catch (err) {
+    setStatus("");
+    const hint = err.status === 401 ? " Enter the server's token above." : "";
+    showError(`The report could not be written: ${err.message}.${hint}`);
+  } finally {
+    $("download-report").disabled = false;
+  }
 }
 
 async function predict(explain) {
@@ -102,6 +129,7 @@ function render(result) {
   for (const heatmap of result.heatmaps) state.heatmaps.set(heatmap.label, heatmap);
   if (result.heatmaps.length) state.shown = result.heatmaps[0].label;
   const flagged = Boolean(result.ood && result.ood.flag);
+  $("report-actions").hidden = false;
   $("ood").hidden = !flagged;
   $("results").hidden = flagged;
   $("ood-reasons").replaceChildren(...(flagged ? result.ood.reasons : []).map((reason) => item("li", reason)));
@@ -214,6 +242,7 @@ function item(tag, text) {
 }
 
 $("file").addEventListener("change", (event) => choose(event.target.files[0]));
+$("download-report").addEventListener("click", downloadReport);
 $("preview").addEventListener("error", () => {
   // Not displayable here (DICOM, or not an image at all): show nothing rather than a broken image.
   if (!state.previewUrl) return;
