@@ -10,8 +10,9 @@ PNGs), each timed alternately with the others so a shared machine's load hits al
 - torchxrayvision (b): its README's path per image (``skimage.io.imread``, ``xrv.datasets.normalize(img,
   255)``, one channel, ``XRayCenterCrop``, ``XRayResizer(224)``, ``torch.from_numpy``, ``model(img[None])``)
   with ``xrv.models.DenseNet(weights=None)`` (random weights, nothing downloaded) in eval mode under
-  no_grad, in this same process (so it also gets medlens's allocator tuning). Goal: medlens predict >= 3x
-  it. The same preprocessing fed to its model in batches of 32, kinder to it than its README, is timed too.
+  no_grad, in a child process that never imports medlens (torch's and glibc's defaults, as its users run
+  it). Goal: medlens predict >= 3x it. The same preprocessing fed to its model in batches of 32, kinder to
+  it than its README, is timed too.
 
 Both medlens rows are also run with the checkpoint exported to ONNX and ONNX Runtime forced.
 torchxrayvision is not a medlens dependency: the first run installs it and scikit-image with this
@@ -29,6 +30,7 @@ import argparse
 import importlib
 import itertools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -71,25 +73,53 @@ def torchxrayvision() -> ModuleType | None:
         return None
 
 
-def xrv_path(xrv: ModuleType, paths: list[Path], batch: int) -> Callable[[], None]:
-    """torchxrayvision's documented preprocessing and its DenseNet-121 over ``paths``, ``batch`` at a time."""
-    import skimage.io
-    import torchvision
+XRV_WORKER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import skimage.io, torch, torchvision, torchxrayvision as xrv
 
-    model = xrv.models.DenseNet(weights=None, num_classes=14).eval()
-    transform = torchvision.transforms.Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(SIZE)])
+paths, batch, size = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model = xrv.models.DenseNet(weights=None, num_classes=14).eval()
+transform = torchvision.transforms.Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(size)])
 
-    def load(path: Path) -> torch.Tensor:
-        img = xrv.datasets.normalize(skimage.io.imread(path), 255)
-        img = img[..., 0] if img.ndim == 3 else img  # one channel
-        return torch.from_numpy(transform(img[None, ...]))
+def load(path):
+    img = xrv.datasets.normalize(skimage.io.imread(path), 255)
+    img = img[..., 0] if img.ndim == 3 else img  # one channel
+    return torch.from_numpy(transform(img[None, ...]))
 
-    def run() -> None:
-        with torch.no_grad():
-            for start in range(0, len(paths), batch):
-                model(torch.stack([load(p) for p in paths[start : start + batch]]))
+for _ in sys.stdin:
+    with torch.no_grad():
+        for start in range(0, len(paths), batch):
+            model(torch.stack([load(p) for p in paths[start : start + batch]]))
+    print("done", flush=True)
+"""
 
-    return run
+
+class XrvPath:
+    """torchxrayvision's documented preprocessing and DenseNet-121 over ``paths``, ``batch`` at a time.
+
+    It runs in a child process that never imports medlens, so it gets torch's and glibc's defaults as a
+    user of torchxrayvision would, not medlens's CPU tuning; each call runs the whole list once there.
+    """
+
+    def __init__(self, paths: list[Path], batch: int):
+        args = [str(BENCH_DEPS), json.dumps([str(p) for p in paths]), str(batch), str(SIZE)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MEDLENS_"))}
+        self.child = subprocess.Popen(
+            [sys.executable, "-c", XRV_WORKER, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+
+    def __call__(self) -> None:
+        assert self.child.stdin is not None and self.child.stdout is not None
+        self.child.stdin.write("run\n")
+        self.child.stdin.flush()
+        if self.child.stdout.readline().strip() != "done":
+            raise SystemExit(f"the torchxrayvision process failed (exit code {self.child.poll()})")
+
+    def close(self) -> None:
+        if self.child.stdin is not None:
+            self.child.stdin.close()
+        self.child.wait(timeout=60)
 
 
 def medlens_paths(predictor: Predictor, paths: list[Path], scratch: Path) -> dict[str, Callable[[], None]]:
@@ -129,12 +159,16 @@ def main() -> None:
         export_onnx(exported, paths[:8], batch_size=BATCH, repeats=1)
         calls = medlens_paths(Predictor.from_checkpoint(checkpoint, backend="torch"), paths, scratch)
         calls |= medlens_paths(Predictor.from_checkpoint(exported, backend="onnxruntime"), paths, scratch)
-        if xrv is not None:
-            calls["torchxrayvision"] = xrv_path(xrv, paths, 1)
-            calls["torchxrayvision, batches of 32"] = xrv_path(xrv, paths, BATCH)
+        children = [XrvPath(paths, 1), XrvPath(paths, BATCH)] if xrv is not None else []
+        if children:
+            calls["torchxrayvision"], calls["torchxrayvision, batches of 32"] = children
         print(machine())
         print(f"{MODEL} at {SIZE} px, batch {BATCH}, {len(paths)} NIH PNGs (1024² greyscale), {args.repeats} repeats")
-        seconds = alternate(calls, args.repeats)
+        try:
+            seconds = alternate(calls, args.repeats)
+        finally:
+            for child in children:
+                child.close()
     speed = {name: statistics.median(rates(s, len(paths))) for name, s in seconds.items()}
     print(f"\n{'':<34}{'images/s min/med/max':>24}")
     for name, s in seconds.items():
