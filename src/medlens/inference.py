@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from medlens.backends import ONNX_FILE, OnnxRunner, choose_backend
 from medlens.data.readers import ImageSource, read_image
-from medlens.data.transforms import prepare_image
+from medlens.data.transforms import crop_box, prepare_image, resize_map
 from medlens.errors import CheckpointError
 from medlens.runtime import apply_cpu_defaults, to_channels_last
 from medlens.training.batches import to_input
@@ -80,6 +80,19 @@ class Predictor:
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
         """float [0, 1] image -> the uint8 model-size image the cache would hold."""
         return prepare_image(pixels, self.image_size, self.contrast, self.crop_border)
+
+    def heatmap_in_image(self, heatmap: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+        """A model-input map (a CAM) in the frame of the read image ``pixels``.
+
+        Without a border crop that is the map itself (overlays stretch it); with one, the map covers only
+        the kept region, so it is stretched over that region of an image-sized map that is 0 elsewhere.
+        """
+        if not self.crop_border:
+            return heatmap
+        top, bottom, left, right = crop_box(pixels, self.crop_border)
+        framed = np.zeros(pixels.shape[:2], dtype=np.float32)
+        framed[top:bottom, left:right] = resize_map(heatmap, (bottom - top, right - left))
+        return framed
 
     def to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Read images (float [0, 1]) -> the normalised model input batch."""

@@ -9,8 +9,9 @@ import pytest
 import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from medlens.data.transforms import resize_map
 from medlens.errors import ConfigError
-from medlens.explain.cam import CAM_METHODS, CamExplainer, cam_method, explain, resize_map
+from medlens.explain.cam import CAM_METHODS, CamExplainer, cam_method, explain
 from medlens.models import Classifier, create_model, list_models
 from medlens.runtime import to_channels_last
 

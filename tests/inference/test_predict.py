@@ -52,3 +52,18 @@ def test_predict_cli_is_resumable_and_keeps_bad_files(run, tmp_path, capsys):
     expected = Predictor.from_checkpoint(run).predict_paths(good["path"])
     np.testing.assert_allclose(good.filter(like="prob_").to_numpy(), expected, atol=1e-5)
     assert "wrote 6 rows" in capsys.readouterr().out
+
+
+def test_heatmaps_land_on_the_region_a_border_crop_kept(run):
+    predictor = Predictor.from_checkpoint(run)
+    heatmap = np.zeros((8, 8), dtype=np.float32)
+    heatmap[0, 7] = 1.0  # the model frame's top-right corner
+    pixels = np.full((100, 200), 0.5, dtype=np.float32)
+    assert predictor.heatmap_in_image(heatmap, pixels) is heatmap  # no crop: the map as it is
+    predictor.crop_border = 0.1  # 10 rows and 20 columns off each side
+    framed = predictor.heatmap_in_image(heatmap, pixels)
+    assert framed.shape == (100, 200)
+    assert framed[:10].max() == 0 and framed[90:].max() == 0 and framed[:, :20].max() == 0
+    assert framed[:, 180:].max() == 0
+    row, col = np.unravel_index(np.argmax(framed), framed.shape)
+    assert 10 <= row < 20 and 170 <= col < 180  # the kept region's top-right corner, not the image's

@@ -45,6 +45,18 @@ def resize_image(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.clip(resized, 0.0, 1.0, out=resized)
 
 
+def resize_map(heatmap: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A model-input map laid over an image of ``shape`` (H0, W0, ...).
+
+    The model saw a squash-resize of the whole image, so stretching the map to (H0, W0) with the same
+    pixel-centre convention (OpenCV's) puts every value back over the pixels it came from.
+    """
+    height, width = shape[:2]
+    if heatmap.shape == (height, width):
+        return heatmap.astype(np.float32, copy=False)
+    return cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def prepare_image(pixels: np.ndarray, size: int, contrast: str = "none", crop_border: float | str = 0.0) -> np.ndarray:
     """A read float [0, 1] image -> the uint8 ``size`` x ``size`` image a model sees (before normalising)."""
     cropped = crop_border_of(pixels, crop_border)

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
@@ -112,18 +111,6 @@ def explain(model: Classifier, x: torch.Tensor, target: int, method: str = "grad
     """
     with CamExplainer(model, method) as explainer:
         return explainer(x, target)
-
-
-def resize_map(heatmap: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A model-input map laid over an image of ``shape`` (H0, W0, ...).
-
-    The model saw a squash-resize of the whole image, so stretching the map to (H0, W0) with the same
-    pixel-centre convention (OpenCV's) puts every value back over the pixels it came from.
-    """
-    height, width = shape[:2]
-    if heatmap.shape == (height, width):
-        return heatmap.astype(np.float32, copy=False)
-    return cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medlens.explain.cam import resize_map
+from medlens.data.transforms import resize_map
 
 COLORMAP = "jet"
 FIGURE_DPI = 100

@@ -83,7 +83,7 @@ def explain_images(
             for finding in asked or list(truth) or _default_findings(predictor, probs):
                 j = predictor.labels.index(finding)
                 probability = float(probs[j])
-                heatmap = explainer(x, j)
+                heatmap = predictor.heatmap_in_image(explainer(x, j), pixels)
                 name = f"{stem}__{_slug(finding)}"
                 np.save(out / f"{name}.npy", heatmap)
                 overlay_figure(pixels, heatmap, f"{finding}  p = {probability:.2f}  ({method})", out / f"{name}.png")
@@ -140,7 +140,7 @@ def score_demo(run_dir: str | Path, method: str = "gradcam", tolerance: float = 
             x, probs = _predict(predictor, pixels)
             for finding, mask in load_phantom_masks(root, name).items():
                 j = predictor.labels.index(finding)
-                found = localize(explainer(x, j), mask, tolerance)
+                found = localize(predictor.heatmap_in_image(explainer(x, j), pixels), mask, tolerance)
                 scores.append(FindingScore(name, finding, float(probs[j]), found.hit, found.energy))
     return summarize(scores)
 

@@ -2,7 +2,7 @@
 
 Everything is compared at the original image's resolution, where NIH boxes (``BBox_List_2017.csv``,
 pixels of the original image) and phantom masks live: the model-size map is stretched back over the
-image (:func:`medlens.explain.cam.resize_map`), never the boxes shrunk onto the map. A pixel belongs to a
+image (:func:`medlens.data.transforms.resize_map`), never the boxes shrunk onto the map. A pixel belongs to a
 box ``x, y, w, h`` when its centre ``(col + 0.5, row + 0.5)`` lies in ``[x, x + w) x [y, y + h)``.
 
 - pointing game (Zhang et al., 2016): a hit when the map's maximum lies inside the region, or within
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medlens.explain.cam import resize_map
+from medlens.data.transforms import resize_map
 
 Box = tuple[float, float, float, float]
 

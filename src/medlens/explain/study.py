@@ -248,7 +248,7 @@ def _findings(
     findings = []
     for j in np.argsort(-probs, kind="stable"):
         label = predictor.labels[j]
-        heatmap = explainer(x, int(j)) if explain and label in positives else None
+        heatmap = predictor.heatmap_in_image(explainer(x, int(j)), pixels) if explain and label in positives else None
         findings.append(
             FindingFacts(
                 label=label,

@@ -264,7 +264,8 @@ class ClassifierModel:
         maps = self._workers.model(deadline, self._maps, x, shown, method)
         with self._workers.image_work(deadline):
             backdrop = _shrunk(pixels, HEATMAP_MAX_SIDE)
-            return [_heatmap(label, method, _png(blend(backdrop, m))) for label, m in zip(shown, maps, strict=True)]
+            framed = [self.predictor.heatmap_in_image(m, pixels) for m in maps]
+            return [_heatmap(label, method, _png(blend(backdrop, m))) for label, m in zip(shown, framed, strict=True)]
 
     def _maps(self, x: torch.Tensor, shown: list[str], method: str) -> list[np.ndarray]:
         """The ``method`` map of each label in ``shown``; runs on the model thread only."""
