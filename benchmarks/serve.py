@@ -240,7 +240,7 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
 
-    steps = ("read", "preprocess", "ood", "forward", "cam", "total")
+    steps = ("read", "preprocess", "ood", "queue", "forward", "cam", "total")
     print(f"{'phase':<8}{'clients':>8}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'errors':>7}   server medians, ms: "
           + " / ".join(steps))  # fmt: skip
     for name, figures in phases.items():

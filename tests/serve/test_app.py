@@ -80,7 +80,7 @@ def test_predict_each_format(client: TestClient, xray_png, xray_pixels, encode, 
     assert [h["label"] for h in body["heatmaps"]] == (body["positives"] or [findings[0]["label"]])
     overlay = Image.open(io.BytesIO(base64.b64decode(body["heatmaps"][0]["png_base64"])))
     assert overlay.format == "PNG" and overlay.size == (128, 128)
-    assert set(body["timings_ms"]) == {"read", "preprocess", "ood", "forward", "cam", "total"}
+    assert set(body["timings_ms"]) == {"read", "preprocess", "ood", "queue", "forward", "cam", "total"}
     if fmt == "dicom":
         assert body["image"]["dicom"]["Modality"] == "DX" and body["image"]["dicom"]["BitsStored"] == 12
     else:

@@ -90,9 +90,14 @@ class OodReport(BaseModel):
 
 
 class Timings(BaseModel):
+    """Milliseconds per step. ``forward`` is the model's own time on its thread, after ``queue`` (waiting
+    for it behind other requests); ``ood`` runs beside the forward pass, so the steps may sum to more
+    than ``total``."""
+
     read: float
     preprocess: float
     ood: float
+    queue: float = 0.0
     forward: float
     cam: float
     total: float
