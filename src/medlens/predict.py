@@ -149,7 +149,7 @@ def write_reports(
     ``study_of(data, name, view)`` gathers one image's facts; an image's view is the one its data-source
     record names, else ``view``. Unreadable images are listed in the index with the reason.
     """
-    from medlens.explain.run import _unique_stem
+    from medlens.explain.run import unique_stem
     from medlens.explain.study_report import INDEX_FILE, IndexEntry, brief, find_chromium, render_index, write_study
     from medlens.io import write_atomic
 
@@ -163,7 +163,7 @@ def write_reports(
     entries: list[IndexEntry] = []
     stems: set[str] = set()
     for path in tqdm(paths, desc="reports", unit="img", disable=not progress):
-        stem = _unique_stem(path.stem, stems)
+        stem = unique_stem(path.stem, stems)
         try:
             study = study_of(path.read_bytes(), path.name, views.get(path, view))
         except ImageReadError as exc:

@@ -88,7 +88,7 @@ class ReportInputs:
 # ---------------------------------------------------------------------------------------------- cells
 
 
-def _esc(value: Any) -> str:
+def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
@@ -123,16 +123,16 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: i
     return f'<div class="scroll"><table{attributes}>{head}<tbody>{body}</tbody></table></div>'
 
 
-def _key_values(pairs: Iterable[tuple[str, str]]) -> str:
-    rows = "".join(f"<tr><th>{_esc(key)}</th><td>{value}</td></tr>" for key, value in pairs)
+def key_values(pairs: Iterable[tuple[str, str]]) -> str:
+    rows = "".join(f"<tr><th>{esc(key)}</th><td>{value}</td></tr>" for key, value in pairs)
     return f'<table class="kv"><tbody>{rows}</tbody></table>'
 
 
-def _figure(png: bytes, caption: str, alt: str) -> str:
+def figure_html(png: bytes, caption: str, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
-        f"<figcaption>{_esc(caption)}</figcaption></figure>"
+        f'<figure><img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
     )
 
 
@@ -143,7 +143,7 @@ class _Section:
     body: str
 
     def html(self) -> str:
-        return f'<section id="{self.anchor}"><h2>{_esc(self.title)}</h2>{self.body}</section>'
+        return f'<section id="{self.anchor}"><h2>{esc(self.title)}</h2>{self.body}</section>'
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -153,10 +153,10 @@ def _summary(metrics: Mapping[str, Any], inputs: ReportInputs) -> _Section:
     summary = metrics.get("auc_summary") or {}
     where = metrics.get("evaluated_on") or {}
     pairs = [
-        ("task", _esc(metrics["task"])),
+        ("task", esc(metrics["task"])),
         ("images / patients", f"{metrics['n_images']} / {metrics['n_patients']}"),
-        ("evaluated on", _esc(where.get("description", where.get("source", UNDEFINED)))),
-        ("model", _esc(inputs.manifest.get("model", {}).get("name", UNDEFINED))),
+        ("evaluated on", esc(where.get("description", where.get("source", UNDEFINED)))),
+        ("model", esc(inputs.manifest.get("model", {}).get("name", UNDEFINED))),
         (
             "AUC over labels",
             f"mean {_num(summary.get('mean'))}, median {_num(summary.get('median'))}, "
@@ -171,8 +171,8 @@ def _summary(metrics: Mapping[str, Any], inputs: ReportInputs) -> _Section:
             pairs.append((name.replace("_", "-") + " accuracy", _num(value)))
     pairs.append(("ECE (served probabilities)", _num(metrics.get("ece"))))
     if where.get("note"):
-        pairs.append(("note", _esc(where["note"])))
-    return _Section("summary", "Summary", _key_values(pairs))
+        pairs.append(("note", esc(where["note"])))
+    return _Section("summary", "Summary", key_values(pairs))
 
 
 def _per_label(metrics: Mapping[str, Any]) -> _Section:
@@ -185,7 +185,7 @@ def _per_label(metrics: Mapping[str, Any]) -> _Section:
         for name in metrics["labels"]:
             c = metrics["per_class"][name]
             rows.append(
-                [_esc(name), str(c["n_known"]), str(c["n_positive"]), _num(auc[name]), _ci(ci[name])]
+                [esc(name), str(c["n_known"]), str(c["n_positive"]), _num(auc[name]), _ci(ci[name])]
                 + [_num(ap[name]), _num(c["threshold"])]
                 + [_num(c[k]) for k in ("sensitivity", "specificity", "ppv", "npv", "f1")]
             )
@@ -194,20 +194,20 @@ def _per_label(metrics: Mapping[str, Any]) -> _Section:
             "patients); sensitivity to F1 at the checkpoint's operating threshold (positive when "
             "probability ≥ threshold). Rows with an unknown label are left out of that label."
         )
-        return _Section("per-label", "Per-label results", _table(header, rows) + f'<p class="note">{_esc(note)}</p>')
+        return _Section("per-label", "Per-label results", _table(header, rows) + f'<p class="note">{esc(note)}</p>')
     header = ["class", "support", "precision", "recall", "F1", "AUC (one-vs-rest)", f"{level} CI", "AP"]
     rows = []
     for name in metrics["labels"]:
         c = metrics["per_class"][name]
         scores = [_num(c[k]) for k in ("precision", "recall", "f1")]
-        rows.append([_esc(name), str(c["support"]), *scores, _num(auc[name]), _ci(ci[name]), _num(ap[name])])
+        rows.append([esc(name), str(c["support"]), *scores, _num(auc[name]), _ci(ci[name]), _num(ap[name])])
     macro = metrics.get("macro_avg") or {}
     macro_cells = [_num(macro.get(k)) for k in ("precision", "recall", "f1")]
     rows.append(["<b>macro average</b>", "", *macro_cells, _num(metrics.get("macro_auc")), "", ""])
     confusion_rows = [
-        [_esc(name)] + [str(v) for v in row] for name, row in zip(metrics["labels"], metrics["confusion"], strict=True)
+        [esc(name)] + [str(v) for v in row] for name, row in zip(metrics["labels"], metrics["confusion"], strict=True)
     ]
-    confusion = _table(["true \\ predicted", *(_esc(n) for n in metrics["labels"])], confusion_rows)
+    confusion = _table(["true \\ predicted", *(esc(n) for n in metrics["labels"])], confusion_rows)
     note = "The predicted class is the highest probability. Rows of the confusion matrix are true classes."
     body = _table(header, rows) + "<h3>Confusion matrix (counts)</h3>" + confusion + f'<p class="note">{note}</p>'
     return _Section("per-label", "Per-class results", body)
@@ -229,7 +229,7 @@ def _curves(metrics: Mapping[str, Any], inputs: ReportInputs) -> _Section | None
     points = _operating_points(metrics)
     if inputs.roc:
         parts.append(
-            _figure(
+            figure_html(
                 plots.plot_roc(inputs.roc, operating_points=points),
                 "ROC curve of every label (dots: the operating threshold). Labels whose AUC is undefined "
                 "(no positive or no negative image) are listed but not drawn.",
@@ -237,7 +237,7 @@ def _curves(metrics: Mapping[str, Any], inputs: ReportInputs) -> _Section | None
             )
         )
         parts.append(
-            _figure(
+            figure_html(
                 plots.plot_roc_bands(inputs.roc, operating_points=points, ci_level=metrics.get("ci_level", 0.95)),
                 "Per-label ROC with the pointwise patient-bootstrap band of sensitivity at each false "
                 "positive rate (same resamples as the AUC intervals).",
@@ -246,7 +246,7 @@ def _curves(metrics: Mapping[str, Any], inputs: ReportInputs) -> _Section | None
         )
     if inputs.pr:
         parts.append(
-            _figure(
+            figure_html(
                 plots.plot_pr(inputs.pr),
                 "Precision-recall curves; a classifier with no skill has precision equal to the prevalence.",
                 "precision-recall curves",
@@ -254,7 +254,7 @@ def _curves(metrics: Mapping[str, Any], inputs: ReportInputs) -> _Section | None
         )
     if metrics["task"] == "multiclass" and metrics.get("confusion"):
         parts.append(
-            _figure(
+            figure_html(
                 plots.plot_confusion(metrics["confusion"], metrics["confusion_normalized"], metrics["labels"]),
                 "Confusion matrix: counts, and rows divided by the true class's support.",
                 "confusion matrix heatmaps",
@@ -282,9 +282,9 @@ def _calibration(metrics: Mapping[str, Any], inputs: ReportInputs) -> _Section:
         "the images evaluated here, from the same logits. A low ECE alone does not make a useful model: "
         "probabilities that never leave the base rate are well calibrated too; read it beside the AUCs."
     )
-    body = _key_values(pairs) + f'<p class="note">{_esc(text)}</p>'
+    body = key_values(pairs) + f'<p class="note">{esc(text)}</p>'
     if inputs.reliability:
-        body += _figure(plots.plot_reliability(inputs.reliability), "Reliability diagram", "reliability diagram")
+        body += figure_html(plots.plot_reliability(inputs.reliability), "Reliability diagram", "reliability diagram")
     return _Section("calibration", "Calibration", body)
 
 
@@ -300,14 +300,14 @@ def _subgroups(metrics: Mapping[str, Any]) -> _Section:
     rows_of |= {f"AUC {name}": (lambda m, name=name: m["auc"][name]) for name in metrics["labels"]}
     parts = []
     for column, groups in subgroups.items():
-        header = [_esc(column), *(_esc(value) for value in groups)]
+        header = [esc(column), *(esc(value) for value in groups)]
         rows = [["images", *(str(group["n_images"]) for group in groups.values())]]
         for title, value_of in rows_of.items():
             cells = [_undefined() if g["metrics"] is None else _num(value_of(g["metrics"])) for g in groups.values()]
-            rows.append([_esc(title), *cells])
-        parts.append(f"<h3>by {_esc(column)}</h3>" + _table(header, rows, css_class="groups"))
+            rows.append([esc(title), *cells])
+        parts.append(f"<h3>by {esc(column)}</h3>" + _table(header, rows, css_class="groups"))
     note = "Groups too small to measure show every metric as undefined; images missing the column are in no group."
-    return _Section("subgroups", "Subgroups", "".join(parts) + f'<p class="note">{_esc(note)}</p>')
+    return _Section("subgroups", "Subgroups", "".join(parts) + f'<p class="note">{esc(note)}</p>')
 
 
 def _threshold_text(manifest: Mapping[str, Any]) -> str:
@@ -335,33 +335,33 @@ def _model_card(manifest: Mapping[str, Any], metrics: Mapping[str, Any]) -> _Sec
     if model.get("head_hidden"):
         head = f"{head} {model['head_hidden']}"
     pairs = [
-        ("model", _esc(f"{model.get('name', UNDEFINED)} ({head} head, {model.get('num_classes')} outputs)")),
-        ("task", _esc(manifest.get("task", UNDEFINED))),
-        ("labels", _esc(", ".join(manifest.get("labels", [])))),
-        ("trained on", _esc(f"{data.get('source', UNDEFINED)} ({data.get('kind', UNDEFINED)})")),
+        ("model", esc(f"{model.get('name', UNDEFINED)} ({head} head, {model.get('num_classes')} outputs)")),
+        ("task", esc(manifest.get("task", UNDEFINED))),
+        ("labels", esc(", ".join(manifest.get("labels", [])))),
+        ("trained on", esc(f"{data.get('source', UNDEFINED)} ({data.get('kind', UNDEFINED)})")),
         (
             "preprocessing",
-            _esc(
+            esc(
                 f"{prep.get('channels')} channel(s), {prep.get('resize', 'squash')}-resized to "
                 f"{prep.get('image_size')} px, normalised with mean {prep.get('mean')} and std {prep.get('std')}"
             ),
         ),
-        ("checkpoint created", _esc(manifest.get("created", UNDEFINED))),
-        ("best epoch", _esc(manifest.get("epoch", UNDEFINED))),
+        ("checkpoint created", esc(manifest.get("created", UNDEFINED))),
+        ("best epoch", esc(manifest.get("epoch", UNDEFINED))),
         (
             "validation metrics",
-            _esc(", ".join(f"{k} {v:.4f}" for k, v in (manifest.get("metrics") or {}).items() if _is_number(v))),
+            esc(", ".join(f"{k} {v:.4f}" for k, v in (manifest.get("metrics") or {}).items() if _is_number(v))),
         ),
-        ("operating thresholds", _esc(_threshold_text(manifest))),
-        ("temperature", _esc(f"{manifest.get('temperature', 1.0):.4f}, fitted on the validation split")),
-        ("versions", _esc(", ".join(f"{k} {v}" for k, v in versions.items()) or UNDEFINED)),
-        ("evaluated", _esc((metrics.get("evaluated_on") or {}).get("date", UNDEFINED))),
-        ("intended use", _esc(INTENDED_USE)),
+        ("operating thresholds", esc(_threshold_text(manifest))),
+        ("temperature", esc(f"{manifest.get('temperature', 1.0):.4f}, fitted on the validation split")),
+        ("versions", esc(", ".join(f"{k} {v}" for k, v in versions.items()) or UNDEFINED)),
+        ("evaluated", esc((metrics.get("evaluated_on") or {}).get("date", UNDEFINED))),
+        ("intended use", esc(INTENDED_USE)),
     ]
     config = manifest.get("config")
-    body = _key_values(pairs)
+    body = key_values(pairs)
     if config:
-        shown = _esc(json.dumps(config, indent=2))
+        shown = esc(json.dumps(config, indent=2))
         body += f"<details><summary>training configuration</summary><pre>{shown}</pre></details>"
     return _Section("model-card", "Model card", body)
 
@@ -382,23 +382,23 @@ def render_report(metrics: Mapping[str, Any], inputs: ReportInputs) -> str:
     ]
     if inputs.samples_png is not None:
         caption = "Sample images as the model saw them: true vs predicted labels (green right, red wrong)."
-        sections.append(_Section("samples", "Samples", _figure(inputs.samples_png, caption, "sample predictions")))
+        sections.append(_Section("samples", "Samples", figure_html(inputs.samples_png, caption, "sample predictions")))
     if inputs.history is not None and len(inputs.history):
         png = plots.plot_history(inputs.history)
-        figure = _figure(png, "Training loss and validation metrics per epoch", "training curves")
+        figure = figure_html(png, "Training loss and validation metrics per epoch", "training curves")
         sections.append(_Section("training", "Training", figure))
     sections.append(_model_card(inputs.manifest, metrics))
     shown = [section for section in sections if section is not None]
-    nav = "".join(f'<a href="#{section.anchor}">{_esc(section.title)}</a>' for section in shown)
+    nav = "".join(f'<a href="#{section.anchor}">{esc(section.title)}</a>' for section in shown)
     title = f"medlens evaluation: {inputs.manifest.get('model', {}).get('name', 'model')} on {where.get('source', '')}"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body><main>"
-        f'<h1>Evaluation report</h1><p class="sub">{_esc(title)}</p>'
-        f'<div class="notice" role="note">{_esc(RESEARCH_NOTICE)}</div><nav>{nav}</nav>'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
+        f'<h1>Evaluation report</h1><p class="sub">{esc(title)}</p>'
+        f'<div class="notice" role="note">{esc(RESEARCH_NOTICE)}</div><nav>{nav}</nav>'
         + "".join(section.html() for section in shown)
-        + f'<footer><div class="notice">{_esc(RESEARCH_NOTICE)}</div></footer></main></body></html>\n'
+        + f'<footer><div class="notice">{esc(RESEARCH_NOTICE)}</div></footer></main></body></html>\n'
     )
 
 

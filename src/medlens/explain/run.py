@@ -79,7 +79,7 @@ def explain_images(
             pixels = predictor.read(path)
             x, probs = _predict(predictor, pixels)
             truth = _known_boxes(boxed.get(path.name, {}), predictor, path.name)
-            stem = _unique_stem(path.stem, stems)
+            stem = unique_stem(path.stem, stems)
             for finding in asked or list(truth) or _default_findings(predictor, probs):
                 j = predictor.labels.index(finding)
                 probability = float(probs[j])
@@ -196,7 +196,7 @@ def _known_boxes(boxes: dict[str, list[Box]], predictor: Predictor, image: str) 
     return {finding: found for finding, found in boxes.items() if finding in predictor.labels}
 
 
-def _unique_stem(stem: str, taken: set[str]) -> str:
+def unique_stem(stem: str, taken: set[str]) -> str:
     unique, n = stem, 1
     while unique in taken:
         n += 1

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medlens.evaluation.report import CSS, _esc, _figure, _key_values
+from medlens.evaluation.report import CSS, esc, figure_html, key_values
 from medlens.explain.study import (
     FACE_TOP_K,
     RESEARCH_USE,
@@ -67,7 +67,7 @@ class IndexEntry:
 
 def render_study(study: Study) -> str:
     """The whole report as one HTML string."""
-    who = f" · patient: {_esc(study.patient_label)}" if study.patient_label else ""
+    who = f" · patient: {esc(study.patient_label)}" if study.patient_label else ""
     model = dict(study.model_card).get("model", "")
     sections = [
         _section("summary", "Summary", _summary(study)),
@@ -76,17 +76,17 @@ def render_study(study: Study) -> str:
     if study.findings_shown:
         sections.append(_section("findings", _findings_title(study), _findings_table(study)))
     sections += [
-        _section("model-card", "Model card", _key_values((key, _esc(value)) for key, value in study.model_card)),
+        _section("model-card", "Model card", key_values((key, esc(value)) for key, value in study.model_card)),
         _section("reading", "How to read this report", _reading_notes(study)),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>medlens study report</title><style>{CSS}{STUDY_CSS}</style></head><body><main>"
-        f'<h1>Study report</h1><p class="sub">{_esc(model)} · written {_esc(study.written)}{who}</p>'
-        f'<div class="notice" role="note">{_esc(RESEARCH_USE)}</div>'
+        f'<h1>Study report</h1><p class="sub">{esc(model)} · written {esc(study.written)}{who}</p>'
+        f'<div class="notice" role="note">{esc(RESEARCH_USE)}</div>'
         + "".join(sections)
-        + f'<footer><div class="notice">{_esc(RESEARCH_USE)}</div></footer></main></body></html>\n'
+        + f'<footer><div class="notice">{esc(RESEARCH_USE)}</div></footer></main></body></html>\n'
     )
 
 
@@ -94,13 +94,13 @@ def render_index(entries: Sequence[IndexEntry]) -> str:
     """A page linking every report of a batch, with what each says in brief."""
     rows = []
     for entry in entries:
-        report = f'<a href="{_esc(entry.report)}">HTML</a>' if entry.report else ""
-        pdf = f' · <a href="{_esc(entry.pdf)}">PDF</a>' if entry.pdf else ""
-        rows.append(f"<tr><td>{_esc(entry.image)}</td><td>{report}{pdf}</td><td>{_esc(entry.summary)}</td></tr>")
+        report = f'<a href="{esc(entry.report)}">HTML</a>' if entry.report else ""
+        pdf = f' · <a href="{esc(entry.pdf)}">PDF</a>' if entry.pdf else ""
+        rows.append(f"<tr><td>{esc(entry.image)}</td><td>{report}{pdf}</td><td>{esc(entry.summary)}</td></tr>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>medlens study reports</title>'
         f"<style>{CSS}</style></head><body><main><h1>Study reports</h1>"
-        f'<div class="notice" role="note">{_esc(RESEARCH_USE)}</div>'
+        f'<div class="notice" role="note">{esc(RESEARCH_USE)}</div>'
         "<table><thead><tr><th>image</th><th>report</th><th>in brief</th></tr></thead><tbody>"
         + "".join(rows)
         + "</tbody></table></main></body></html>\n"
@@ -159,12 +159,12 @@ def print_pdf(page: Path, pdf: Path, chromium: str) -> Path:
 
 
 def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{_esc(title)}</h2>{body}</section>'
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
 
 
 def _summary(study: Study) -> str:
     items = [
-        f'<li data-finding="{_esc(label)}">{_esc(text)}</li>' if label else f"<li>{_esc(text)}</li>"
+        f'<li data-finding="{esc(label)}">{esc(text)}</li>' if label else f"<li>{esc(text)}</li>"
         for label, text in summary_sentences(study)
     ]
     warning = not study.findings_shown
@@ -172,17 +172,17 @@ def _summary(study: Study) -> str:
     if study.kind != "classifier":
         return body
     view = f"View: {study.view}." if study.view else "View: not known, so sides are the image's only."
-    return body + f'<p class="note">{_esc(view)}</p>'
+    return body + f'<p class="note">{esc(view)}</p>'
 
 
 def _figures(study: Study) -> str:
-    figures = [_figure(study.image_png, "The image (shrunk for display).", "the image")]
+    figures = [figure_html(study.image_png, "The image (shrunk for display).", "the image")]
     for finding in study.findings:
         if finding.heatmap_png is None:
             continue
         where = f", strongest in {finding.zone.describe(study.view)}" if finding.zone else ""
         caption = f"{finding.label}: {study.method} heatmap{where}."
-        figures.append(_figure(finding.heatmap_png, caption, f"{study.method} heatmap of {finding.label}"))
+        figures.append(figure_html(finding.heatmap_png, caption, f"{study.method} heatmap of {finding.label}"))
     return f'<div class="figures">{"".join(figures)}</div>'
 
 
@@ -196,13 +196,13 @@ def _findings_table(study: Study) -> str:
     if study.kind == "face-embedding" or study.task == "multiclass":
         shown = study.findings[:FACE_TOP_K] if study.kind == "face-embedding" else study.findings
         header = ["rank", "class", "probability"]
-        rows = [(f, [str(rank), _esc(f.label), f"{f.probability:.3f}"]) for rank, f in enumerate(shown, 1)]
+        rows = [(f, [str(rank), esc(f.label), f"{f.probability:.3f}"]) for rank, f in enumerate(shown, 1)]
     else:
         header = ["finding", "probability", "threshold", "positive", "validation at the threshold", "heatmap"]
         rows = [(f, _multilabel_row(f, study.view)) for f in study.findings]
-    head = "".join(f"<th>{_esc(name)}</th>" for name in header)
+    head = "".join(f"<th>{esc(name)}</th>" for name in header)
     body = "".join(
-        f'<tr{" class=positive" if f.positive else ""} data-label="{_esc(f.label)}">'
+        f'<tr{" class=positive" if f.positive else ""} data-label="{esc(f.label)}">'
         + "".join(f"<td>{cell}</td>" for cell in cells)
         + "</tr>"
         for f, cells in rows
@@ -213,12 +213,12 @@ def _findings_table(study: Study) -> str:
 def _multilabel_row(finding: FindingFacts, view: str | None) -> list[str]:
     zone = finding.zone.describe(view) if finding.zone else ("flat" if finding.heatmap_png else "")
     return [
-        _esc(finding.label),
+        esc(finding.label),
         f"{finding.probability:.3f}",
         f"{finding.threshold:.3f}",
         "yes" if finding.positive else "no",
-        _esc(validation_text(finding.validation)),
-        _esc(zone),
+        esc(validation_text(finding.validation)),
+        esc(zone),
     ]
 
 
@@ -244,4 +244,4 @@ def _reading_notes(study: Study) -> str:
             "which is opposite, is given in brackets.",
         ]
     notes.append("No patient identifier is taken from the image file; only a label given by the user is shown.")
-    return '<ul class="note">' + "".join(f"<li>{_esc(note)}</li>" for note in notes) + "</ul>"
+    return '<ul class="note">' + "".join(f"<li>{esc(note)}</li>" for note in notes) + "</ul>"
