@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from helpers import tiny_run
+from helpers import CHROMIUM_FLAGS, tiny_run
 from PIL import Image
 
 from medlens.config import load_config
@@ -22,6 +22,7 @@ from medlens.serve.app import create_app
 from medlens.training.fit import train
 
 TOKEN = "s3cret-token"
+CHROMIUM = Path("/usr/bin/chromium")
 TINY = tiny_run("data.image_size=64", "data.phantoms.size=128", "train.epochs=1")
 
 
@@ -136,3 +137,15 @@ def _make_dicom(
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """The system Chromium driven by Playwright (no browser download); skips where either is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium (scripts/setup-system.sh)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=list(CHROMIUM_FLAGS))
+        yield chromium
+        chromium.close()

@@ -2,24 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from helpers import CHROMIUM_FLAGS
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = list(CHROMIUM_FLAGS)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium (scripts/setup-system.sh)")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.mark.shared

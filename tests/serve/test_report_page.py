@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CHROMIUM_FLAGS
 
 from medlens.explain.study import RESEARCH_USE
 
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path("/tmp/medlens-report-download.png")
 PAGE_SCREENSHOT = Path("/tmp/medlens-page-report-button.png")
 
@@ -49,17 +47,6 @@ def test_a_dicom_report_states_its_view_and_no_patient_field(client, make_dicom)
     page = client.post("/report", files={"file": ("scan.dcm", make_dicom(film))}).text
     assert "CANARY" not in page and "19010203" not in page
     assert "View: PA." in page
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium (scripts/setup-system.sh)")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=list(CHROMIUM_FLAGS))
-        yield chromium
-        chromium.close()
 
 
 @pytest.mark.shared
