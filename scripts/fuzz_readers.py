@@ -21,6 +21,7 @@ import argparse
 import io
 import logging
 import os
+import resource
 import sys
 import tempfile
 import warnings
@@ -221,7 +222,26 @@ def write_seeds(corpus: Path, shared: Path, max_len: int) -> int:
     return len(seeds)
 
 
+RSS_LIMIT_MB = 1024
+FRESH_START = "MEDLENS_FUZZ_FRESH_START"
+
+
+def restart_with_own_peak_rss() -> None:
+    """Re-run this script through a shell when its peak RSS is inherited rather than its own.
+
+    Linux hands a fork+exec'd child its parent's peak RSS as its own ``ru_maxrss``, which is what libFuzzer's
+    ``-rss_limit_mb`` reads: started from a big process (a long pytest run), the fuzzer would report a false
+    out-of-memory at once. A shell that forks the fuzzer from its own small process makes the count start afresh.
+    """
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if os.environ.get(FRESH_START) or peak_mb < RSS_LIMIT_MB / 2 or not Path("/bin/sh").exists():
+        return
+    os.environ[FRESH_START] = "1"
+    os.execv("/bin/sh", ["sh", "-c", '"$@"; exit $?', "sh", sys.executable, *sys.argv])
+
+
 def main() -> None:
+    restart_with_own_peak_rss()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=100_000, help="inputs to try (libFuzzer -runs)")
     parser.add_argument("--max-seconds", type=int, default=0, help="stop after this long (0: no limit)")
@@ -251,7 +271,7 @@ def main() -> None:
         f"-max_len={MAX_LEN}",
         f"-seed={args.seed}",
         "-timeout=1",
-        "-rss_limit_mb=1024",
+        f"-rss_limit_mb={RSS_LIMIT_MB}",
         "-print_final_stats=1",
         f"-artifact_prefix={artifacts}/",
     ]
