@@ -18,6 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
 import torch
 from common import NIH_IMAGES, alternate, machine, random_checkpoint, rates, spread
 

@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
 import torch
 
 from medlens.explain.cam import CAM_METHODS, CamExplainer

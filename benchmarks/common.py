@@ -1,4 +1,8 @@
-"""What the benchmarks share: the machine line, alternate timing, min/median/max."""
+"""What the benchmarks share: the machine line, alternate timing, min/median/max.
+
+Importing this module imports medlens, which sets torch's OpenMP wait policy; that only takes effect
+before torch loads, so every script imports ``common`` before torch (``import common`` sorts first).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,16 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import medlens  # noqa: F401  (sets the OpenMP policy torch reads when it loads)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NIH_IMAGES = SHARED / "nih14" / "images"
+
+
+def foreign_env() -> dict[str, str]:
+    """This process's environment without the OpenMP and medlens settings medlens made: for a peer's process
+    that must run with its own defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_", "MEDLENS_"))}
 
 
 def cores() -> int:

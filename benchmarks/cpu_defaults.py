@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from common import foreign_env  # imports medlens: sets torch's OpenMP policy before torch loads
+
 MODELS = ("resnet50", "densenet121", "efficientnet_b0")
 BATCHES = (1, 32)
 
@@ -52,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
 def run_mode(mode: str, name: str, batch: int, repeats: int) -> list[float]:
     env = {**os.environ}
     if mode == "naive":
-        env["MEDLENS_NO_CPU_TUNING"] = "1"
+        env = {**foreign_env(), "MEDLENS_NO_CPU_TUNING": "1"}
     command = [
         sys.executable,
         __file__,

@@ -30,7 +30,6 @@ import argparse
 import importlib
 import itertools
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -40,8 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
 import torch
-from common import NIH_IMAGES, alternate, machine, random_checkpoint, rates, spread
+from common import NIH_IMAGES, alternate, foreign_env, machine, random_checkpoint, rates, spread
 
 from medlens.export import export_onnx
 from medlens.inference import Predictor
@@ -104,7 +104,7 @@ class XrvPath:
 
     def __init__(self, paths: list[Path], batch: int):
         args = [str(BENCH_DEPS), json.dumps([str(p) for p in paths]), str(batch), str(SIZE)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MEDLENS_"))}
+        env = foreign_env()
         self.child = subprocess.Popen(
             [sys.executable, "-c", XRV_WORKER, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )

@@ -39,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
 import httpx
 import numpy as np
 import torch

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
 import cv2
 import numpy as np
 import torch
