@@ -14,14 +14,17 @@ PNGs), each timed alternately with the others so a shared machine's load hits al
   it). Goal: medlens predict >= 3x it. The same preprocessing fed to its model in batches of 32, kinder to
   it than its README, is timed too.
 
-Both medlens rows are also run with the checkpoint exported to ONNX and ONNX Runtime forced.
+Both medlens rows are also run with the checkpoint exported to ONNX and ONNX Runtime forced; the backend
+``auto`` picks for that export (what a checkpoint from ``medlens train``, which ends with the export, runs
+on by default) is reported as ``default_backend`` with its ``default_vs_torchxrayvision``.
 torchxrayvision is not a medlens dependency: the first run installs it and scikit-image with this
 Python's pip into ``.bench-deps/`` at the repo root (git-ignored, outside the venv); if that fails the
 comparison (b) is skipped with a message. Weights are random: speed does not depend on them.
 
     .venv/bin/python benchmarks/predict.py [--images 64] [--repeats 3]
 
-The last line is one JSON object: ``vs_model_only``, ``vs_torchxrayvision`` and the images/s behind them.
+The last line is one JSON object: ``vs_model_only``, ``vs_torchxrayvision`` (torch), ``default_backend``,
+``default_vs_torchxrayvision`` and the images/s behind them.
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ def main() -> None:
         checkpoint = random_checkpoint(scratch / "torch", MODEL, SIZE)
         exported = shutil.copytree(checkpoint, scratch / "onnx" / "best")
         export_onnx(exported, paths[:8], batch_size=BATCH, repeats=1)
+        default = Predictor.from_checkpoint(exported).backend  # what `medlens train` + `predict` take: auto
         calls = medlens_paths(Predictor.from_checkpoint(checkpoint, backend="torch"), paths, scratch)
         calls |= medlens_paths(Predictor.from_checkpoint(exported, backend="onnxruntime"), paths, scratch)
         children = [XrvPath(paths, 1), XrvPath(paths, BATCH)] if xrv is not None else []
@@ -180,11 +184,17 @@ def main() -> None:
         "onnxruntime_vs_model_only": round(ort_e2e / speed["model only (onnxruntime)"], 3),
         "onnxruntime_vs_torchxrayvision": round(ort_e2e / speed["torchxrayvision"], 2) if xrv else None,
         "vs_torchxrayvision_batched": round(e2e / speed["torchxrayvision, batches of 32"], 2) if xrv else None,
+        "default_backend": default,
+        "default_vs_torchxrayvision": (
+            round(speed[f"medlens predict ({default})"] / speed["torchxrayvision"], 2) if xrv else None
+        ),
         **{f"img_s {name}": round(value, 1) for name, value in speed.items()},
     }
     print(
         f"\nmedlens predict: {figures['vs_model_only']:.2f}x the model alone (goal >= 0.9), "
-        f"{figures['vs_torchxrayvision'] or float('nan'):.2f}x torchxrayvision (goal >= 3)"
+        f"{figures['vs_torchxrayvision'] or float('nan'):.2f}x torchxrayvision (goal >= 3); a trained checkpoint "
+        f"(exported at the end of training) predicts on {default}: "
+        f"{figures['default_vs_torchxrayvision'] or float('nan'):.2f}x torchxrayvision"
     )
     print(json.dumps(figures))
 

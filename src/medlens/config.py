@@ -81,6 +81,7 @@ class TrainConfig:
     augment_strength: float = 1.0
     seed: int = 0
     threshold_method: str = "youden"
+    export_onnx: bool = True
 
 
 @dataclass

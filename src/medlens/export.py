@@ -105,6 +105,31 @@ def export_onnx(
     return report
 
 
+def export_or_warn(checkpoint: str | Path, images: Sequence[str | Path] = ()) -> ExportReport | None:
+    """:func:`export_onnx` at the end of training, so that predict and serve take the faster backend by default.
+
+    The export is an accelerator, not the result: when it fails (a model the exporters cannot trace, a
+    parity miss, a full disk) the checkpoint stays a complete torch checkpoint and this warns instead of
+    raising; the export itself writes nothing unless it passes.
+    """
+    try:
+        report = export_onnx(checkpoint, images)
+    except Exception as exc:  # any exporter or runtime failure leaves the torch checkpoint as it was
+        log.warning("%s was not exported to ONNX (%s: %s); it predicts with torch", checkpoint, type(exc).__name__, exc)
+        return None
+    log.info(
+        "%s exported to ONNX: logits within %.1e of torch on %d %s images; %s is faster here (%.1f vs %.1f img/s)",
+        checkpoint,
+        report.parity_max_abs_diff,
+        report.parity_images,
+        report.parity_source,
+        report.faster,
+        max(report.torch_img_s, report.onnxruntime_img_s),
+        min(report.torch_img_s, report.onnxruntime_img_s),
+    )
+    return report
+
+
 def _export(predictor: Predictor, out: Path, opset: int) -> str:
     """Write the graph with the dynamo exporter, or the TorchScript one where dynamo fails; says which."""
     model = copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format).eval()

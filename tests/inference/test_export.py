@@ -164,3 +164,27 @@ def test_export_cli_reports_parity_and_speed(checkpoint, capsys):
     assert main(["export", str(checkpoint), "--format", "onnx", "--batch-size", "2"]) == 0
     printed = capsys.readouterr().out
     assert "max |logit difference|" in printed and "predict and serve will use" in printed
+
+
+def test_training_ends_with_an_export_and_a_failed_one_only_warns(tmp_path, monkeypatch, caplog):
+    run = tmp_path / "run"
+    train(load_config(None, TINY), run, progress=False)
+    record = read_manifest(run)["onnx"]
+    validation = (pd.read_csv(run / "splits.csv")["split"] == "val").sum()
+    assert (run / "best" / ONNX_FILE).is_file()
+    assert record["parity_source"] == "real" and record["parity_images"] == min(32, validation)
+    assert record["parity_max_abs_diff"] <= PARITY_TOLERANCE
+    assert Predictor.from_checkpoint(run).backend == record["faster"]  # auto: the one that measured faster
+
+    # A real parity miss (no tolerance at all): the run still succeeds, as a torch checkpoint, and says why.
+    monkeypatch.setattr("medlens.export.PARITY_TOLERANCE", -1.0)
+    missed = tmp_path / "missed"
+    with caplog.at_level(logging.WARNING, logger="medlens"):
+        train(load_config(None, TINY), missed, progress=False)
+    assert "was not exported to ONNX (CheckpointError" in caplog.text
+    assert not list((missed / "best").glob("*.onnx*")) and "onnx" not in read_manifest(missed)
+    assert Predictor.from_checkpoint(missed).backend == "torch"
+
+    skipped = tmp_path / "skipped"
+    train(load_config(None, [*TINY, "train.export_onnx=false"]), skipped, progress=False)
+    assert not (skipped / "best" / ONNX_FILE).exists() and "onnx" not in read_manifest(skipped)

@@ -99,9 +99,11 @@ def cross_validate(
     run_dir.mkdir(parents=True, exist_ok=True)
     config, table = _shared_data(config, run_dir)
     splits = _load_or_make_folds(config, run_dir, table, k)
+    # Fold models are served only inside the ensemble: only the ensemble is exported.
+    fold_config = dataclasses.replace(config, train=dataclasses.replace(config.train, export_onnx=False))
     folds = []
     for i in range(k):
-        folds.append(_run_fold(config, run_dir, table, splits, i, k, progress, n_resamples))
+        folds.append(_run_fold(fold_config, run_dir, table, splits, i, k, progress, n_resamples))
         if on_fold is not None:
             on_fold(i, folds[-1].metrics)
     metrics, ensemble_fields = _pool(config, table, folds, splits, n_resamples)
@@ -114,6 +116,12 @@ def cross_validate(
         {f"oof_{name}": value for name, value in metrics["pooled_headline"].items()},
         **ensemble_fields,
     )
+    if config.train.export_onnx:
+        from medlens.export import export_or_warn
+
+        paths = table.paths
+        learned = np.concatenate([rows for name, rows in splits.items() if name != "test"])
+        export_or_warn(run_dir / ENSEMBLE_DIR, [paths[i] for i in learned[:32]])
     log.info("cross-validation done: %s; ensemble in %s", _headline_line(metrics), run_dir / ENSEMBLE_DIR)
     return metrics
 

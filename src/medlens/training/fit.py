@@ -282,6 +282,8 @@ def _fit(
             break
     if ctx.is_main:
         _calibrate_best(config, run_dir, data, ctx)
+        if t.export_onnx:
+            _export_best(run_dir, data)
         _plot_history(run_dir)
     best_row = min(history, key=lambda r: r[t.best_metric] * (1 if t.best_metric == "val_loss" else -1))
     return best_row
@@ -481,6 +483,14 @@ def _calibrate_best(config: Config, run_dir: Path, data: RunData, ctx: distribut
             for name, point in per_class.items()
         }
     update_manifest(run_dir / "best", **fields)
+
+
+def _export_best(run_dir: Path, data: RunData) -> None:
+    """best/ exported to ONNX and raced against torch, parity checked on up to 32 validation images."""
+    from medlens.export import export_or_warn
+
+    paths = data.table.paths
+    export_or_warn(run_dir / "best", [paths[i] for i in data.splits["val"][:32]])
 
 
 def _plot_history(run_dir: Path) -> None:
