@@ -13,7 +13,10 @@ uploads the same real NIH film (1024 x 1024 PNG) for ``--seconds`` per phase:
   threads wait on each other whenever one loses its core), so they are printed for reference only.
 
     .venv/bin/python benchmarks/serve.py [--checkpoint RUN] [--model resnet50] [--clients 4] [--seconds 20]
-                                         [--soak-clients 8] [--soak-seconds 60]
+                                         [--soak-clients 8] [--soak-seconds 60] [--backend torch]
+
+``--backend onnxruntime`` serves the checkpoint's ONNX export (made first if absent), as a checkpoint from
+``medlens train`` is served by default wherever ONNX Runtime measured faster.
 
 Memory is measured after a warm-up at the highest concurrency with heatmaps: "flat" means a server under a
 steady load stops growing, not that 8 clients in flight cost no more than 1.
@@ -45,8 +48,11 @@ import numpy as np
 import torch
 from common import SHARED, random_checkpoint
 
+from medlens.backends import BACKEND_ENV
+from medlens.export import export_onnx
 from medlens.inference import Predictor
 from medlens.runtime import apply_cpu_defaults
+from medlens.training.checkpoint import read_manifest
 
 IMAGE = SHARED / "nih14" / "images" / "00000061_012.png"
 HOST = "127.0.0.1"
@@ -190,6 +196,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="run or checkpoint folder (default: a random --model)")
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="the server's backend; onnxruntime exports the checkpoint first if it has no export, as training does",
+    )
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each load phase")
     parser.add_argument("--soak-clients", type=int, default=8)
@@ -201,6 +213,9 @@ def main() -> None:
     apply_cpu_defaults()
     with tempfile.TemporaryDirectory(prefix="medlens-bench-") as scratch:
         checkpoint = args.checkpoint or random_checkpoint(Path(scratch), args.model, args.size)
+        if args.backend == "onnxruntime" and "onnx" not in read_manifest(checkpoint):
+            export_onnx(checkpoint, [IMAGE])
+        os.environ[BACKEND_ENV] = args.backend  # this process's Predictor and the server's
         predictor = Predictor.from_checkpoint(checkpoint)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -209,7 +224,8 @@ def main() -> None:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average {load:.1f}"
         )
         print(
-            f"{predictor.manifest['model']['name']} at {predictor.image_size} px, {len(predictor.labels)} labels; "
+            f"{predictor.manifest['model']['name']} at {predictor.image_size} px on {predictor.backend}, "
+            f"{len(predictor.labels)} labels; "
             f"upload {IMAGE.name} ({IMAGE.stat().st_size:,} bytes); {args.seconds:.0f} s per phase\n"
         )
         port = free_port()
