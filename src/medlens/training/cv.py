@@ -41,14 +41,13 @@ from medlens.errors import ConfigError, MedlensError
 from medlens.io import write_atomic
 from medlens.runtime import apply_cpu_defaults
 from medlens.training import distributed
-from medlens.training.checkpoint import load_weights, read_manifest
+from medlens.training.checkpoint import read_manifest
 from medlens.training.ensemble import save_ensemble
 from medlens.training.fit import (
     HISTORY_FILE,
     SPLITS_FILE,
-    build_model,
+    best_validation_logits,
     load_cached_table,
-    predict_rows,
     prepare_data,
     train,
 )
@@ -192,13 +191,11 @@ def _run_fold(
 
 def _write_oof(config: Config, fold_dir: Path) -> None:
     """The best checkpoint's probabilities (at its temperature) for the fold's validation images."""
-    single = distributed.Dist()
-    data = prepare_data(config, fold_dir, single)
-    model = build_model(config, len(data.table.label_names))
-    model.load_state_dict(load_weights(fold_dir / "best"))
+    data = prepare_data(config, fold_dir, distributed.Dist())
     rows = data.splits["val"]
     temperature = float(read_manifest(fold_dir / "best")["temperature"])
-    probs = probabilities(predict_rows(model, data, rows, single), data.table.task, temperature).numpy()
+    logits = best_validation_logits(config, fold_dir, data)
+    probs = probabilities(logits, data.table.task, temperature).numpy()
     frame = pd.DataFrame(probs, columns=[f"prob_{name}" for name in data.table.label_names])
     frame.insert(0, "path", data.table.frame["path"].iloc[rows].astype(str).to_numpy())
     write_atomic(fold_dir / OOF_FILE, frame.to_csv(index=False))

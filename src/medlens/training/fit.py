@@ -456,6 +456,13 @@ def _resume_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimi
     return state
 
 
+def best_validation_logits(config: Config, run_dir: Path, data: RunData) -> torch.Tensor:
+    """The logits of ``run_dir/best`` on the validation split, computed in this process alone."""
+    model = build_model(config, len(data.table.label_names))
+    model.load_state_dict(load_weights(run_dir / "best"))
+    return predict_rows(model, data, data.splits["val"], distributed.Dist())
+
+
 def _calibrate_best(config: Config, run_dir: Path, data: RunData, ctx: distributed.Dist) -> None:
     """Temperature and operating thresholds fitted on the validation split, stored in best/.
 
@@ -464,11 +471,8 @@ def _calibrate_best(config: Config, run_dir: Path, data: RunData, ctx: distribut
     """
     from medlens.evaluation.metrics import choose_thresholds, fit_temperature, multilabel_metrics
 
-    model = build_model(config, len(data.table.label_names))
-    model.load_state_dict(load_weights(run_dir / "best"))
     rows = data.splits["val"]
-    single = distributed.Dist()
-    logits = predict_rows(model, data, rows, single).numpy()
+    logits = best_validation_logits(config, run_dir, data).numpy()
     labels = data.table.labels[rows]
     task = data.table.task
     temperature = float(fit_temperature(logits, labels, task))
