@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,21 +51,15 @@ from medlens.backends import BACKEND_ENV
 from medlens.export import export_onnx
 from medlens.inference import Predictor
 from medlens.runtime import apply_cpu_defaults
+from medlens.serve.background import LOOPBACK, free_port
 from medlens.training.checkpoint import read_manifest
 
 IMAGE = SHARED / "nih14" / "images" / "00000061_012.png"
-HOST = "127.0.0.1"
 SERVER = """
 import sys, uvicorn
 from medlens.serve.app import create_app
 uvicorn.run(create_app(sys.argv[1]), host=sys.argv[2], port=int(sys.argv[3]), log_level="warning")
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_up(base: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -229,8 +222,8 @@ def main() -> None:
             f"upload {IMAGE.name} ({IMAGE.stat().st_size:,} bytes); {args.seconds:.0f} s per phase\n"
         )
         port = free_port()
-        base = f"http://{HOST}:{port}"
-        server = subprocess.Popen([sys.executable, "-c", SERVER, str(checkpoint), HOST, str(port)])
+        base = f"http://{LOOPBACK}:{port}"
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(checkpoint), LOOPBACK, str(port)])
         try:
             wait_until_up(base, server)
             image = IMAGE.read_bytes()

@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import APIOperation, GenerationMode
@@ -40,6 +37,7 @@ from schemathesis.checks import (
 from schemathesis.core.failures import FailureGroup
 
 from medlens.serve.app import create_app
+from medlens.serve.background import serve_in_thread
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 TINY_RUN = ["model.name=tiny", "data.image_size=64", "data.phantoms.n=64", "data.phantoms.size=128", "train.epochs=1"]
@@ -54,26 +52,9 @@ def tiny_checkpoint(folder: Path) -> Path:
     return run
 
 
-@contextmanager
-def live_server(checkpoint: Path) -> Iterator[str]:
+def live_server(checkpoint: Path) -> AbstractContextManager[str]:
     """The app over ``checkpoint`` under uvicorn on 127.0.0.1, in a thread; yields its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(checkpoint), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start within 60 s")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    return serve_in_thread(create_app(checkpoint), log_level="warning")
 
 
 def fuzz(base_url: str, examples: int, random_seed: int) -> tuple[Counter, list[str]]:

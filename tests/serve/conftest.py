@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import io
 import logging
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from helpers import CHROMIUM_FLAGS, tiny_run
 from PIL import Image
 
 from medlens.config import load_config
 from medlens.serve.app import create_app
+from medlens.serve.background import serve_in_thread
 from medlens.training.fit import train
 
 TOKEN = "s3cret-token"
@@ -63,21 +60,8 @@ def live_server(run_dir: Path) -> Iterator[str]:
 
     ``log_config=None`` leaves uvicorn's loggers propagating to the root logger, so caplog sees them.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(run_dir), host="127.0.0.1", port=port, log_config=None, log_level="debug")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start within 30 s")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(run_dir), start_seconds=30, log_config=None, log_level="debug") as base_url:
+        yield base_url
     logging.getLogger("uvicorn.error").setLevel(logging.NOTSET)
 
 
