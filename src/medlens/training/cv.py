@@ -46,12 +46,12 @@ from medlens.training.ensemble import save_ensemble
 from medlens.training.fit import (
     HISTORY_FILE,
     SPLITS_FILE,
-    best_validation_logits,
+    RunData,
     load_cached_table,
-    prepare_data,
+    operating_points,
+    operating_thresholds,
     train,
 )
-from medlens.training.losses import probabilities
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def cross_validate(
         from medlens.export import export_or_warn
 
         paths = table.paths
-        learned = np.concatenate([rows for name, rows in splits.items() if name != "test"])
+        learned = _rows_except(splits, "test")
         export_or_warn(run_dir / ENSEMBLE_DIR, [paths[i] for i in learned[:32]])
     log.info("cross-validation done: %s; ensemble in %s", _headline_line(metrics), run_dir / ENSEMBLE_DIR)
     return metrics
@@ -146,7 +146,7 @@ def _load_or_make_folds(config: Config, run_dir: Path, table: RecordTable, k: in
         splits = fold_splits(table, k, config.data.test_fraction, seed=config.train.seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    learned = np.concatenate([rows for name, rows in splits.items() if name != "test"])
+    learned = _rows_except(splits, "test")
     write_splits(run_dir / SPLITS_FILE, table, {"train": learned, "test": splits.get("test", learned[:0])})
     write_splits(path, table, splits)  # last: its presence means the folds are laid out
     return splits
@@ -167,7 +167,7 @@ def _run_fold(
     if (fold_dir / OOF_FILE).exists():
         log.info("fold %d/%d: finished earlier, kept", i + 1, k)
     else:
-        train_rows = np.concatenate([rows for n, rows in splits.items() if n not in (name, "test")])
+        train_rows = _rows_except(splits, name, "test")
         log.info(
             "fold %d/%d: training on %d images, validating on %d images of %d patients",
             i + 1,
@@ -180,8 +180,13 @@ def _run_fold(
         if not (fold_dir / SPLITS_FILE).exists():
             fold = {"train": train_rows, "val": splits[name], **({"test": splits["test"]} if "test" in splits else {})}
             write_splits(fold_dir / SPLITS_FILE, table, fold)
-        train(config, fold_dir, resume=(fold_dir / "last").exists(), progress=progress)
-        _write_oof(config, fold_dir)
+        train(
+            config,
+            fold_dir,
+            resume=(fold_dir / "last").exists(),
+            progress=progress,
+            on_calibrated=lambda data, probs: _write_oof(fold_dir, data, probs),
+        )
     rows, probs = _read_oof(fold_dir, table, splits[name])
     manifest = read_manifest(fold_dir / "best")
     metrics = _metrics(table, rows, probs, manifest["thresholds"], n_resamples)
@@ -189,13 +194,14 @@ def _run_fold(
     return Fold(name, rows, probs, manifest, metrics)
 
 
-def _write_oof(config: Config, fold_dir: Path) -> None:
+def _rows_except(splits: Mapping[str, np.ndarray], *names: str) -> np.ndarray:
+    """The rows of every split but ``names``, in split order."""
+    return np.concatenate([rows for name, rows in splits.items() if name not in names])
+
+
+def _write_oof(fold_dir: Path, data: RunData, probs: np.ndarray) -> None:
     """The best checkpoint's probabilities (at its temperature) for the fold's validation images."""
-    data = prepare_data(config, fold_dir, distributed.Dist())
     rows = data.splits["val"]
-    temperature = float(read_manifest(fold_dir / "best")["temperature"])
-    logits = best_validation_logits(config, fold_dir, data)
-    probs = probabilities(logits, data.table.task, temperature).numpy()
     frame = pd.DataFrame(probs, columns=[f"prob_{name}" for name in data.table.label_names])
     frame.insert(0, "path", data.table.frame["path"].iloc[rows].astype(str).to_numpy())
     write_atomic(fold_dir / OOF_FILE, frame.to_csv(index=False))
@@ -230,12 +236,11 @@ def _pool(
     config: Config, table: RecordTable, folds: list[Fold], splits: Mapping[str, np.ndarray], n_resamples: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """cv_metrics.json, and the ensemble's thresholds (and operating points) from the pooled predictions."""
-    from medlens.evaluation.metrics import choose_thresholds, to_jsonable
+    from medlens.evaluation.metrics import to_jsonable
 
     rows = np.concatenate([f.rows for f in folds])
     probs = np.concatenate([f.probs for f in folds])
-    chosen = choose_thresholds(table.labels[rows], probs, method=config.train.threshold_method)
-    thresholds = [0.5 if t is None else float(t) for t in chosen]
+    thresholds = operating_thresholds(table.labels[rows], probs, config.train.threshold_method)
     pooled = _metrics(table, rows, probs, thresholds, n_resamples)
     per_fold = [headline(f.metrics) for f in folds]
     summary = {}
@@ -266,8 +271,7 @@ def _pool(
     }
     fields: dict[str, Any] = {"thresholds": thresholds}
     if table.task == "multilabel":
-        keys = ("sensitivity", "specificity", "n_positive", "n_known")
-        fields["operating_points"] = {n: {key: p[key] for key in keys} for n, p in pooled["per_class"].items()}
+        fields["operating_points"] = operating_points(pooled["per_class"])
     return to_jsonable(metrics), fields
 
 

@@ -9,6 +9,7 @@ import errno
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,19 @@ class RunData:
     cache_rows: np.ndarray
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+Calibrated = Callable[["RunData", np.ndarray], None]
+"""Called with the run's data and best/'s calibrated validation probabilities once they are stored."""
+
+OPERATING_POINT_KEYS = ("sensitivity", "specificity", "n_positive", "n_known")
+
+
+def train(
+    config: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_calibrated: Calibrated | None = None,
+) -> dict[str, Any]:
     """Train per ``config`` into ``run_dir``; returns the best epoch's validation metrics."""
     apply_cpu_defaults()
     run_dir = Path(run_dir)
@@ -53,7 +66,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
     try:
         _check_run_dir(run_dir, resume, ctx)
         data = prepare_data(config, run_dir, ctx)
-        return _fit(config, run_dir, data, ctx, resume, progress and ctx.is_main)
+        return _fit(config, run_dir, data, ctx, resume, progress and ctx.is_main, on_calibrated)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -239,7 +252,13 @@ def manifest_for(config: Config, data: RunData, model: nn.Module) -> dict[str, A
 
 
 def _fit(
-    config: Config, run_dir: Path, data: RunData, ctx: distributed.Dist, resume: bool, progress: bool
+    config: Config,
+    run_dir: Path,
+    data: RunData,
+    ctx: distributed.Dist,
+    resume: bool,
+    progress: bool,
+    on_calibrated: Calibrated | None,
 ) -> dict[str, Any]:
     t = config.train
     torch.manual_seed(t.seed)
@@ -281,10 +300,12 @@ def _fit(
             log.info("early stopping: %s has not improved for %d epochs", t.best_metric, stale)
             break
     if ctx.is_main:
-        _calibrate_best(config, run_dir, data, ctx)
+        validation_probs = _calibrate_best(config, run_dir, data)
         if t.export_onnx:
             _export_best(run_dir, data)
         _plot_history(run_dir)
+        if on_calibrated is not None:
+            on_calibrated(data, validation_probs)
     best_row = min(history, key=lambda r: r[t.best_metric] * (1 if t.best_metric == "val_loss" else -1))
     return best_row
 
@@ -456,37 +477,42 @@ def _resume_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimi
     return state
 
 
-def best_validation_logits(config: Config, run_dir: Path, data: RunData) -> torch.Tensor:
-    """The logits of ``run_dir/best`` on the validation split, computed in this process alone."""
-    model = build_model(config, len(data.table.label_names))
-    model.load_state_dict(load_weights(run_dir / "best"))
-    return predict_rows(model, data, data.splits["val"], distributed.Dist())
-
-
-def _calibrate_best(config: Config, run_dir: Path, data: RunData, ctx: distributed.Dist) -> None:
-    """Temperature and operating thresholds fitted on the validation split, stored in best/.
+def _calibrate_best(config: Config, run_dir: Path, data: RunData) -> np.ndarray:
+    """Temperature and operating thresholds fitted on the validation split, stored in best/; returns best/'s
+    validation probabilities at that temperature.
 
     Multi-label runs also store each label's validation sensitivity and specificity at its threshold
     (``operating_points``), which per-study reports quote beside every finding.
     """
-    from medlens.evaluation.metrics import choose_thresholds, fit_temperature, multilabel_metrics
+    from medlens.evaluation.metrics import fit_temperature, multilabel_metrics
 
+    model = build_model(config, len(data.table.label_names))
+    model.load_state_dict(load_weights(run_dir / "best"))
     rows = data.splits["val"]
-    logits = best_validation_logits(config, run_dir, data).numpy()
+    logits = predict_rows(model, data, rows, distributed.Dist()).numpy()
     labels = data.table.labels[rows]
     task = data.table.task
     temperature = float(fit_temperature(logits, labels, task))
     probs = probabilities(torch.from_numpy(logits), task, temperature).numpy()
-    method = config.train.threshold_method
-    thresholds = [0.5 if t is None else float(t) for t in choose_thresholds(labels, probs, method=method)]
+    thresholds = operating_thresholds(labels, probs, config.train.threshold_method)
     fields: dict[str, Any] = {"temperature": temperature, "thresholds": thresholds}
     if task == "multilabel":
         per_class = multilabel_metrics(labels, probs, data.table.label_names, thresholds)["per_class"]
-        fields["operating_points"] = {
-            name: {key: point[key] for key in ("sensitivity", "specificity", "n_positive", "n_known")}
-            for name, point in per_class.items()
-        }
+        fields["operating_points"] = operating_points(per_class)
     update_manifest(run_dir / "best", **fields)
+    return probs
+
+
+def operating_thresholds(labels: np.ndarray, probs: np.ndarray, method: str) -> list[float]:
+    """One threshold per output chosen on ``labels`` and ``probs`` by ``method``; 0.5 where none can be."""
+    from medlens.evaluation.metrics import choose_thresholds
+
+    return [0.5 if t is None else float(t) for t in choose_thresholds(labels, probs, method=method)]
+
+
+def operating_points(per_class: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each label's sensitivity, specificity and counts at its threshold, as best/'s manifest stores them."""
+    return {name: {key: point[key] for key in OPERATING_POINT_KEYS} for name, point in per_class.items()}
 
 
 def _export_best(run_dir: Path, data: RunData) -> None:
