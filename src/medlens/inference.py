@@ -42,7 +42,6 @@ class Predictor:
     ):
         self.model = to_channels_last(model.eval())
         self.onnx = onnx
-        self.backend = "torch" if onnx is None else "onnxruntime"
         self.manifest = manifest
         self.path = path
         prep = manifest["preprocessing"]
@@ -56,6 +55,11 @@ class Predictor:
         self.crop_border: float | str = prep.get("crop_border", 0.0)
         self.temperature: float = float(manifest.get("temperature", 1.0))
         self.thresholds: list[float] = list(manifest.get("thresholds") or [0.5] * len(self.labels))
+
+    @property
+    def backend(self) -> str:
+        """Where plain forward passes run: ``torch`` or ``onnxruntime``."""
+        return "torch" if self.onnx is None else "onnxruntime"
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, backend: str | None = None) -> Predictor:

@@ -1,8 +1,8 @@
 """Class activation maps by name, computed by pytorch-grad-cam on the layer every model names.
 
 Each method is the package's own class (a new one overrides one step of its ``BaseCAM``); medlens only
-says which layer to hook (``model.cam_layer``; a fold ensemble's ``cam_layers``, one per member, whose
-maps grad-cam averages), how to turn ViT tokens into a map (``model.cam_reshape``) and which output to
+says which layers to hook (``model.cam_layers``: one, or a fold ensemble's one per member, whose maps
+grad-cam averages), how to turn ViT tokens into a map (``model.cam_reshape``) and which output to
 explain: the logit of a finding (multi-label) or of a class (multi-class).
 
 A :class:`CamExplainer` registers its hooks once and is reused for every image, as the server does. A map
@@ -64,7 +64,7 @@ class CamExplainer:
         self.model = model.eval()
         self._lock = threading.Lock()
         # A fold ensemble names each member's layer: grad-cam then averages the members' normalised maps.
-        layers = getattr(model, "cam_layers", [model.cam_layer])
+        layers = model.cam_layers
         # Ahead of grad-cam's own hooks, so they record (and attach their gradient hook to) the cut output.
         self._cuts = [layer.register_forward_hook(self._cut_graph, prepend=True) for layer in layers]
         self._cam = cam_class(model, layers, reshape_transform=model.cam_reshape)

@@ -110,6 +110,11 @@ class Classifier(nn.Module):
         return self.backbone.get_submodule(self.spec.cam_layer)
 
     @property
+    def cam_layers(self) -> list[nn.Module]:
+        """The layers a CAM hooks: this model's one (a fold ensemble names one per member)."""
+        return [self.cam_layer]
+
+    @property
     def cam_reshape(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Turns ``cam_layer`` tokens ``(B, prefix + H*W, C)`` into ``(B, C, H, W)``; ``None`` for CNNs."""
         return self._tokens_to_map if self.spec.tokens else None

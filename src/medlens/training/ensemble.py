@@ -53,10 +53,6 @@ class Ensemble(nn.Module):
         return [member.cam_layer for member in self.members]
 
     @property
-    def cam_layer(self) -> nn.Module:
-        return self.members[0].cam_layer
-
-    @property
     def cam_reshape(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self.members[0].cam_reshape
 
