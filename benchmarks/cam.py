@@ -25,7 +25,7 @@ import torch
 
 from medlens.explain.cam import CAM_METHODS, CamExplainer
 from medlens.models import create_model
-from medlens.runtime import apply_cpu_defaults, to_channels_last
+from medlens.runtime import apply_cpu_defaults, available_cores, to_channels_last
 
 WARMUP = 2
 
@@ -58,7 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = to_channels_last(create_model(args.model, num_classes=14, in_chans=1).eval())
     x = torch.randn(1, 1, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__} "

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import medlens  # noqa: F401  (sets the OpenMP policy torch reads when it loads)
+from medlens.runtime import available_cores
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NIH_IMAGES = SHARED / "nih14" / "images"
@@ -25,16 +26,12 @@ def foreign_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_", "MEDLENS_"))}
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def machine() -> str:
     """One line: processor, cores, load, versions (torch and onnxruntime when imported)."""
     import sys
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    parts = [f"{platform.processor() or platform.machine()}, {cores()} cores, load average {load:.1f}"]
+    parts = [f"{platform.processor() or platform.machine()}, {available_cores()} cores, load average {load:.1f}"]
     parts.append(f"python {platform.python_version()}")
     for name in ("torch", "onnxruntime", "cv2", "PIL", "torchxrayvision"):
         module = sys.modules.get(name)

@@ -50,7 +50,7 @@ from common import SHARED, random_checkpoint
 from medlens.backends import BACKEND_ENV
 from medlens.export import export_onnx
 from medlens.inference import Predictor
-from medlens.runtime import apply_cpu_defaults
+from medlens.runtime import apply_cpu_defaults, available_cores
 from medlens.serve.background import LOOPBACK, free_port
 from medlens.training.checkpoint import read_manifest
 
@@ -210,7 +210,7 @@ def main() -> None:
             export_onnx(checkpoint, [IMAGE])
         os.environ[BACKEND_ENV] = args.backend  # this process's Predictor and the server's
         predictor = Predictor.from_checkpoint(checkpoint)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = available_cores()
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(
             f"{platform.processor() or platform.machine()}, {cores} cores, python {platform.python_version()}, "

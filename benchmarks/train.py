@@ -31,13 +31,13 @@ import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before t
 import cv2
 import numpy as np
 import torch
-from common import NIH_IMAGES, alternate, cores, machine, rates, spread
+from common import NIH_IMAGES, alternate, machine, rates, spread
 
 from medlens.data import readers
 from medlens.data.cache import build_cache
 from medlens.data.transforms import resize_image
 from medlens.models import create_model
-from medlens.runtime import apply_cpu_defaults, to_channels_last
+from medlens.runtime import apply_cpu_defaults, available_cores, to_channels_last
 from medlens.training.batches import augment, epoch_order, to_input
 
 
@@ -51,7 +51,7 @@ def build_serial(paths: list[Path], out: Path, size: int) -> tuple[float, float]
 def build_parallel(paths: list[Path], out: Path, size: int) -> float:
     """Wall seconds of one build over every core (the workers' CPU time is out of sight: forkserver's children)."""
     wall = time.perf_counter()
-    build_cache(paths, out, size=size, workers=cores(), progress=False)
+    build_cache(paths, out, size=size, workers=available_cores(), progress=False)
     return time.perf_counter() - wall
 
 
@@ -86,7 +86,8 @@ def cache_build(paths: list[Path], passes: int, size: int, repeats: int, work: P
     for name, values in decode.items():
         print(f"   decode + resize only, {name:<30} img/s per CPU second min/med/max {spread(values)}")
     wall = build_parallel(paths, work / "parallel", size)
-    print(f"   {cores()} worker processes: {len(paths) / wall:.1f} img/s wall-clock (worker start-up included)")
+    workers = available_cores()
+    print(f"   {workers} worker processes: {len(paths) / wall:.1f} img/s wall-clock (worker start-up included)")
     old, new = (statistics.median(v) for v in reversed(list(decode.values())))
     return {
         "cache_build_img_s_per_core": round(statistics.median(cpus), 1),

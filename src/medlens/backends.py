@@ -11,7 +11,6 @@ The torch model is always loaded: heatmaps need its gradients.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from medlens.errors import CheckpointError, ConfigError
+from medlens.io import file_sha256
 from medlens.training.checkpoint import WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -27,14 +27,6 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "onnxruntime")
 BACKEND_ENV = "MEDLENS_BACKEND"
 ONNX_FILE = "model.onnx"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_problem(folder: Path, manifest: dict[str, Any]) -> str | None:

@@ -24,9 +24,10 @@ import numpy as np
 import onnxruntime
 import torch
 
-from medlens.backends import ONNX_FILE, OnnxRunner, file_sha256
+from medlens.backends import ONNX_FILE, OnnxRunner
 from medlens.errors import CheckpointError, ConfigError
 from medlens.inference import Predictor
+from medlens.io import file_sha256
 from medlens.training.checkpoint import WEIGHTS, update_manifest
 
 log = logging.getLogger(__name__)

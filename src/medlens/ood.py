@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from medlens.data.readers import LoadedImage
 from medlens.data.transforms import resize_image
 
 SIDE = 128
@@ -99,6 +100,13 @@ def assess_xray(pixels: np.ndarray, colour: np.ndarray | None = None) -> OodResu
     reasons = [CHECKS[name].reason.format(value=measures[name]) for name, value in checks.items() if value >= FLAG_AT]
     score = max(checks.values())
     return OodResult(score >= FLAG_AT, score, checks, measures, reasons)
+
+
+def assess_upload(loaded: LoadedImage, data: bytes) -> OodResult:
+    """:func:`assess_xray` of a read image file, with the colour its bytes hold where the reader made it grey
+    (PNG and JPEG; a DICOM's pixels are what they are)."""
+    colour = colour_sample(data) if loaded.format != "dicom" and loaded.pixels.ndim == 2 else None
+    return assess_xray(loaded.pixels, colour)
 
 
 def colour_sample(data: bytes, side: int = SIDE) -> np.ndarray | None:

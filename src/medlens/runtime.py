@@ -32,10 +32,15 @@ def apply_cpu_defaults() -> None:
     _applied = True
     if os.environ.get("MEDLENS_NO_CPU_TUNING"):
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     _tune_glibc_malloc(arenas=cores)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, cores // _local_world_size()))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _local_world_size() -> int:

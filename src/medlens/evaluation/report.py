@@ -143,7 +143,12 @@ class _Section:
     body: str
 
     def html(self) -> str:
-        return f'<section id="{self.anchor}"><h2>{esc(self.title)}</h2>{self.body}</section>'
+        return section_html(self.anchor, self.title, self.body)
+
+
+def section_html(anchor: str, title: str, body: str) -> str:
+    """A report section: its heading (escaped) over ``body`` (HTML), linkable as ``#anchor``."""
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
 
 
 # ---------------------------------------------------------------------------------------------- sections

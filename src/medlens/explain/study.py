@@ -25,7 +25,7 @@ from PIL import Image
 from medlens.data.readers import DEFAULT_MAX_PIXELS, load_image
 from medlens.explain.cam import CamExplainer
 from medlens.explain.overlay import overlay_png
-from medlens.ood import OodResult, assess_xray, colour_sample
+from medlens.ood import OodResult, assess_upload
 
 if TYPE_CHECKING:
     from medlens.faces.pipeline import FacePredictor
@@ -221,8 +221,7 @@ def classifier_study(
     loaded = load_image(data, channels=predictor.channels, max_pixels=max_pixels, name=name)  # type: ignore[arg-type]
     ood = None
     if xray_guard:
-        colour = colour_sample(data) if loaded.format != "dicom" and loaded.pixels.ndim == 2 else None
-        ood = assess_xray(loaded.pixels, colour)
+        ood = assess_upload(loaded, data)
     backdrop = _display_copy(loaded.pixels)
     return Study(
         kind="classifier",

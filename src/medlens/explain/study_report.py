@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medlens.evaluation.report import CSS, esc, figure_html, key_values
+from medlens.evaluation.report import CSS, esc, figure_html, key_values, section_html
 from medlens.explain.study import (
     FACE_TOP_K,
     RESEARCH_USE,
@@ -70,14 +70,14 @@ def render_study(study: Study) -> str:
     who = f" · patient: {esc(study.patient_label)}" if study.patient_label else ""
     model = dict(study.model_card).get("model", "")
     sections = [
-        _section("summary", "Summary", _summary(study)),
-        _section("images", "Image and heatmaps", _figures(study)),
+        section_html("summary", "Summary", _summary(study)),
+        section_html("images", "Image and heatmaps", _figures(study)),
     ]
     if study.findings_shown:
-        sections.append(_section("findings", _findings_title(study), _findings_table(study)))
+        sections.append(section_html("findings", _findings_title(study), _findings_table(study)))
     sections += [
-        _section("model-card", "Model card", key_values((key, esc(value)) for key, value in study.model_card)),
-        _section("reading", "How to read this report", _reading_notes(study)),
+        section_html("model-card", "Model card", key_values((key, esc(value)) for key, value in study.model_card)),
+        section_html("reading", "How to read this report", _reading_notes(study)),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -156,10 +156,6 @@ def print_pdf(page: Path, pdf: Path, chromium: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- parts
-
-
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
 
 
 def _summary(study: Study) -> str:

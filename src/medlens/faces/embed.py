@@ -8,7 +8,6 @@ the keys, descriptors and face counts, photos without a face included, and is re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from medlens.faces.detect import (
     load_rgb,
 )
 from medlens.faces.dlib_models import descriptor_model
+from medlens.io import file_sha256 as sha256_of_file
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,7 @@ def unit_rows(embeddings: Any) -> np.ndarray:
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 of a file's bytes, or :class:`ImageReadError` naming the file."""
     try:
-        with open(path, "rb") as stream:
-            return hashlib.file_digest(stream, "sha256").hexdigest()
+        return sha256_of_file(path)
     except OSError as exc:
         raise ImageReadError(str(path), f"cannot be read ({exc.strerror or exc})") from None
 

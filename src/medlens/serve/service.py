@@ -12,7 +12,6 @@ import base64
 import copy
 import io
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,8 @@ from medlens.explain.study import Study, classifier_study, face_study_of
 from medlens.faces.detect import NoFaceError
 from medlens.faces.pipeline import FACE_KIND, FacePredictor
 from medlens.inference import Predictor
-from medlens.ood import assess_xray, colour_sample
+from medlens.ood import assess_upload
+from medlens.runtime import available_cores
 from medlens.serve.schemas import (
     Finding,
     Heatmap,
@@ -114,8 +114,7 @@ class Workers:
     def __init__(self, name: str, request_seconds: float):
         self.request_seconds = request_seconds
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self._image_slots = threading.BoundedSemaphore(cores)
+        self._image_slots = threading.BoundedSemaphore(available_cores())
 
     def deadline(self) -> float:
         return time.monotonic() + self.request_seconds
@@ -193,6 +192,7 @@ class ClassifierModel:
         # CAM hooks fire on every forward of the model they sit on, so they sit on a copy that plain
         # predictions never run through.
         self._cam_model = copy.deepcopy(predictor.model)
+        self._cam_predictor = Predictor(self._cam_model, predictor.manifest, predictor.path)
         self._explainer: CamExplainer | None = None
         self._workers = Workers("medlens-model", limits.request_seconds)
 
@@ -263,7 +263,7 @@ class ClassifierModel:
 
     def _study(self, data: bytes, view: str | None) -> Study:
         return classifier_study(
-            Predictor(self._cam_model, self.predictor.manifest, self.predictor.path),
+            self._cam_predictor,
             self._explainer_for(REPORT_CAM_METHOD),
             data,
             view=view,
@@ -275,8 +275,7 @@ class ClassifierModel:
     def _check(self, loaded: LoadedImage, data: bytes) -> OodReport | None:
         if not self.guard:
             return None
-        colour = colour_sample(data) if loaded.format != "dicom" and loaded.pixels.ndim == 2 else None
-        result = assess_xray(loaded.pixels, colour)
+        result = assess_upload(loaded, data)
         return OodReport(flag=result.flag, score=result.score, checks=result.checks, reasons=result.reasons)
 
     def _heatmaps(
