@@ -50,3 +50,14 @@ def test_face_checkpoint_answers_top_k_without_the_xray_guard(face_client: TestC
     response = face_client.post("/predict", files={"file": ("film.png", xray)})
     assert response.status_code == 422 and response.json()["error"] == "no_face"
     assert "no face found" in response.json()["detail"]
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_face_report_keeps_the_server_pixel_limit(face_client: TestClient):
+    huge = io.BytesIO()
+    Image.new("RGB", (4100, 4100)).save(huge, "JPEG")  # 16.8 M pixels: over the server's 16 M, under the reader's
+    for route in ("/predict", "/report"):
+        response = face_client.post(route, files={"file": ("face.jpg", huge.getvalue())})
+        assert response.status_code == 422 and response.json()["error"] == "unreadable_image", route
+        assert "16,000,000" in response.json()["detail"], route

@@ -290,12 +290,17 @@ def face_study(
 
 
 def face_study_of(
-    predictor: FacePredictor, data: bytes, *, patient_label: str | None = None, name: str = "photo"
+    predictor: FacePredictor,
+    data: bytes,
+    *,
+    patient_label: str | None = None,
+    name: str = "photo",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Study:
     """Rank and explain one photo's ``data`` through a face checkpoint; a photo without a face says so."""
     from medlens.faces.detect import NoFaceError
 
-    pixels = load_image(data, channels=3, name=name).pixels
+    pixels = load_image(data, channels=3, max_pixels=max_pixels, name=name).pixels
     try:
         found = predictor.predict_image(pixels, k=FACE_TOP_K, name=name)
         occlusion = predictor.explain(pixels, target=found.top_k[0][0], name=name)

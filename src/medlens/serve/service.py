@@ -377,7 +377,8 @@ class FaceModel:
     def study(self, data: bytes, view: str | None) -> Study:
         """The facts of a study report: the ranking of the largest face and its occlusion map; 422 without a face,
         as for :meth:`predict`."""
-        study = self._workers.model(self._workers.deadline(), face_study_of, self.predictor, data, name="upload")
+        deadline, limit = self._workers.deadline(), self.limits.max_pixels
+        study = self._workers.model(deadline, face_study_of, self.predictor, data, name="upload", max_pixels=limit)
         if study.no_face:
             raise RequestError(422, "no_face", study.no_face)
         return study
