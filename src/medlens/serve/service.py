@@ -216,7 +216,9 @@ class ClassifierModel:
         clock = _Clock()
         deadline = self._workers.deadline()
         with self._workers.image_work(deadline):
-            loaded = load_image(data, channels=p.channels, max_pixels=self.limits.max_pixels, name="upload")
+            # One request per core decodes here, so a film's PNG may take a second thread to be done sooner.
+            limit = self.limits.max_pixels
+            loaded = load_image(data, channels=p.channels, max_pixels=limit, name="upload", overlap=True)
             clock.lap("read")
             x = p.to_tensor([loaded.pixels])
             clock.lap("preprocess")

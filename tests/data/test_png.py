@@ -1,0 +1,179 @@
+"""The fast 8-bit greyscale PNG decoder: libpng's pixels exactly, and None for anything it should not take."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from medlens.data.png import SIGNATURE, decode_grey8
+from medlens.data.readers import load_image
+from medlens.errors import ImageReadError
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+
+def _paeth(left: int, up: int, corner: int) -> int:
+    guess = left + up - corner
+    near = min((abs(guess - left), 0), (abs(guess - up), 1), (abs(guess - corner), 2))[1]
+    return (left, up, corner)[near]
+
+
+def _filtered(pixels: np.ndarray, kinds: list[int]) -> bytes:
+    """The raw scanlines of ``pixels`` with row ``y`` filtered by ``kinds[y]``, as the PNG spec defines them."""
+    rows = []
+    above = np.zeros(pixels.shape[1], dtype=np.int64)
+    for row, kind in zip(pixels.astype(np.int64), kinds, strict=True):
+        left = np.concatenate([[0], row[:-1]])
+        corner = np.concatenate([[0], above[:-1]])
+        predicted = {
+            0: np.zeros_like(row),
+            1: left,
+            2: above,
+            3: (left + above) // 2,
+            4: np.array([_paeth(*abc) for abc in zip(left, above, corner, strict=True)]),
+        }[kind]
+        rows.append(bytes([kind]) + ((row - predicted) % 256).astype(np.uint8).tobytes())
+        above = row
+    return b"".join(rows)
+
+
+def _png(
+    pixels: np.ndarray,
+    kinds: list[int] | None = None,
+    raw: bytes | None = None,
+    idat_parts: int = 1,
+    header: tuple[int, int, int, int, int] = (8, 0, 0, 0, 0),
+    between: bytes = b"",
+    end: bool = True,
+) -> bytes:
+    """A PNG of ``pixels`` written by hand, so each filter type and each kind of damage can be chosen."""
+    height, width = pixels.shape
+    kinds = kinds if kinds is not None else [y % 5 for y in range(height)]
+    stream = zlib.compress(raw if raw is not None else _filtered(pixels, kinds))
+    cut = [len(stream) * i // idat_parts for i in range(idat_parts + 1)]
+    idats = [_chunk(b"IDAT", stream[a:b]) for a, b in itertools.pairwise(cut)]
+    data = SIGNATURE + _chunk(b"IHDR", struct.pack(">II", width, height) + bytes(header))
+    data += _chunk(b"gAMA", struct.pack(">I", 45455)) + idats[0] + between + b"".join(idats[1:])
+    return data + (_chunk(b"IEND", b"") if end else b"")
+
+
+@pytest.fixture(params=[False, True], ids=["one thread", "overlapped"])
+def decode(request):
+    """The decoder on the caller's thread alone, and with a helper thread inflating beside it."""
+    return functools.partial(decode_grey8, overlap=request.param)
+
+
+@pytest.fixture
+def pixels() -> np.ndarray:
+    # Smooth ramps plus noise: every filter type meets carries, both halves of Average and all three Paeth choices.
+    rng = np.random.default_rng(0)
+    ramp = np.add.outer(np.arange(37) * 7, np.arange(53) * 3)
+    return ((ramp + rng.integers(0, 60, ramp.shape)) % 256).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", range(5))
+def test_each_filter_type_decodes_to_the_pixels(decode, pixels, kind):
+    assert np.array_equal(decode(_png(pixels, [kind] * len(pixels))), pixels)
+
+
+def test_mixed_filters_split_idat_and_ancillary_chunks_decode_like_libpng(decode, pixels):
+    data = _png(pixels, idat_parts=4)
+    decoded = decode(data)
+    assert np.array_equal(decoded, pixels)
+    assert np.array_equal(decoded, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 300), (300, 1), (2, 2)])
+def test_edge_shapes(decode, shape):
+    image = np.random.default_rng(1).integers(0, 256, shape).astype(np.uint8)
+    assert np.array_equal(decode(_png(image)), image)
+
+
+@pytest.mark.parametrize("level", [0, 1, 6, 9])
+def test_files_from_opencv_and_pil_decode_exactly(decode, pixels, level, tmp_path):
+    ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, level])
+    assert ok and np.array_equal(decode(encoded.tobytes()), pixels)
+    Image.fromarray(pixels).save(tmp_path / "pil.png", compress_level=level, optimize=level == 9)
+    assert np.array_equal(decode((tmp_path / "pil.png").read_bytes()), pixels)
+
+
+def _damaged(pixels: np.ndarray) -> dict[str, bytes]:
+    good = _png(pixels)
+    idat = good.index(b"IDAT")
+    flipped = bytearray(good)
+    flipped[idat + 10] ^= 0xFF  # inside the IDAT body: its CRC no longer matches
+    raw = _filtered(pixels, [0] * len(pixels))
+    unknown_filter = bytes([5]) + raw[1:]
+    return {
+        "bad IDAT CRC": bytes(flipped),
+        "no IEND (truncated)": _png(pixels, end=False),
+        "cut inside a chunk": good[: idat + 20],
+        "IDAT chunks not consecutive": _png(pixels, idat_parts=2, between=_chunk(b"tEXt", b"a\x00b")),
+        "filter type 5": _png(pixels, raw=unknown_filter),
+        "stream one byte short": _png(pixels, raw=raw[:-1]),
+        "stream one byte long": _png(pixels, raw=raw + b"\x00"),
+        "16-bit": _png(pixels, header=(16, 0, 0, 0, 0)),
+        "interlaced": _png(pixels, header=(8, 0, 0, 0, 1)),
+        "RGB": _png(pixels, header=(8, 2, 0, 0, 0)),
+        "not a PNG": b"GIF89a" + good[6:],
+        "zero width": _png(np.zeros((3, 0), np.uint8), raw=b"\x00" * 3),
+    }
+
+
+@pytest.mark.parametrize("problem", list(_damaged(np.zeros((4, 4), np.uint8))))
+def test_anything_not_strictly_well_formed_is_left_to_the_general_decoder(decode, pixels, problem):
+    assert decode(_damaged(pixels)[problem]) is None
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_damaged_file_still_reads_or_fails_as_libpng_says(pixels, overlap):
+    damaged = _damaged(pixels)
+    # Missing IEND: libpng has every row and reads it; our decoder declined, so the reader fell back to it.
+    read = load_image(damaged["no IEND (truncated)"], overlap=overlap).pixels
+    assert np.array_equal(read, pixels / np.float32(255))
+    with pytest.raises(ImageReadError, match="corrupt or truncated"):
+        load_image(damaged["bad IDAT CRC"], overlap=overlap)
+
+
+def test_every_real_grey_png_decodes_exactly_as_libpng(decode, shared_data):
+    taken = 0
+    for path in sorted(shared_data.rglob("*.png")):
+        data = path.read_bytes()
+        decoded = decode(data)
+        if decoded is None:
+            assert data[24:26] != b"\x08\x00", f"{path}: an 8-bit greyscale PNG was left to the general decoder"
+            continue
+        assert np.array_equal(decoded, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)), path
+        taken += 1
+    assert taken >= 250  # the 219 NIH films and the greyscale half of cxr4
+
+
+def test_random_scanlines_and_filter_bytes_decode_as_libpng_or_are_declined(decode):
+    # Well-formed wrappers (CRCs, zlib) around random rows and random filter bytes, some invalid (5-255):
+    # whenever the fast decoder answers, libpng answers the same.
+    rng = np.random.default_rng(2)
+    answered = 0
+    for _ in range(300):
+        height, width = rng.integers(1, 40, 2)
+        rows = rng.integers(0, 256, (height, width + 1)).astype(np.uint8)
+        rows[:, 0] = rng.integers(0, 5, height)
+        if rng.random() < 0.3:
+            rows[rng.integers(height), 0] = rng.integers(5, 256)
+        data = _png(np.zeros((height, width), np.uint8), raw=rows.tobytes(), idat_parts=int(rng.integers(1, 4)))
+        ours = decode(data)
+        libpng = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if ours is not None:
+            answered += 1
+            assert libpng is not None and np.array_equal(ours, libpng.reshape(ours.shape))
+        elif (rows[:, 0] <= 4).all():
+            raise AssertionError(f"a valid {height}x{width} file was declined")
+    assert answered > 50
