@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import itertools
 import struct
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medlens.data.png import SIGNATURE, decode_grey8
+from medlens.data import readers
+from medlens.data.png import SIGNATURE, chunks_fit, decode_grey8
 from medlens.data.readers import load_image
 from medlens.errors import ImageReadError
 
@@ -177,3 +179,19 @@ def test_random_scanlines_and_filter_bytes_decode_as_libpng_or_are_declined(deco
         elif (rows[:, 0] <= 4).all():
             raise AssertionError(f"a valid {height}x{width} file was declined")
     assert answered > 50
+
+
+FOUR_GB_CHUNK = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABAEAAAAADfkv////8LfklEQVR4nO04LjUuAO3NLjEuMS4xIJDYICFh0AyG7rb7XVVdVRkZGZPyPHFzF49ORK5CYII="
+)
+"""89 bytes found by fuzzing: a 16-bit PNG whose second chunk declares 4 GB, which OpenCV allocated."""
+
+
+def test_a_chunk_declaring_more_than_the_file_holds_never_reaches_opencv(monkeypatch):
+    assert not chunks_fit(FOUR_GB_CHUNK)
+    assert chunks_fit(_png(np.zeros((4, 4), np.uint8))) and chunks_fit(_png(np.zeros((4, 4), np.uint8))[:-5])
+    calls = []
+    monkeypatch.setattr(readers.cv2, "imdecode", lambda *args: calls.append(args))
+    with pytest.raises(ImageReadError, match="corrupt or truncated"):
+        load_image(FOUR_GB_CHUNK)
+    assert calls == []

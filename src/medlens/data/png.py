@@ -122,6 +122,24 @@ def _unfilter_while_inflating(stream: bytes, raw: np.ndarray, pixels: np.ndarray
     return rows == height
 
 
+def chunks_fit(data: bytes) -> bool:
+    """Whether no chunk of a PNG declares more bytes than the file holds after it.
+
+    OpenCV's PNG reader allocates what a chunk declares before reading it: a 4 GB length in an 89-byte file
+    takes 4 GB (found by fuzzing). Only a complete chunk header counts; a file that simply stops is truncated,
+    which every decoder reports on its own.
+    """
+    pos = len(SIGNATURE)
+    while pos + _CHUNK_HEAD.size <= len(data):
+        length, kind = _CHUNK_HEAD.unpack_from(data, pos)
+        pos += 12 + length
+        if pos > len(data):
+            return False
+        if kind == b"IEND":
+            break
+    return True
+
+
 def _image_data(data: bytes) -> tuple[int, int, bytes] | None:
     """Width, height and the concatenated IDAT stream of a well-formed 8-bit greyscale PNG, else None."""
     if not data.startswith(SIGNATURE):

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from medlens.data.png import decode_grey8
+from medlens.data.png import chunks_fit, decode_grey8
 from medlens.errors import ImageReadError
 
 if TYPE_CHECKING:
@@ -157,6 +157,8 @@ def _decode_plain_grey_png(data: bytes, label: str, max_pixels: int, overlap: bo
         return None
     pixels = decode_grey8(data, overlap=overlap) if depth == 8 else None
     if pixels is None:  # 16-bit, interlaced, or not strictly well-formed: libpng, which is more forgiving
+        if not chunks_fit(data):
+            return None  # PIL reads only what is there, and says the file is truncated
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.shape != (height, width):
         return None
