@@ -16,6 +16,7 @@ returns None, and the caller's general decoder reads the file or explains why it
 
 from __future__ import annotations
 
+import os
 import queue
 import struct
 import threading
@@ -26,8 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 from isal import isal_zlib
-
-from medlens.runtime import available_cores
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHUNK_HEAD = struct.Struct(">I4s")
@@ -97,7 +96,8 @@ def _unfilter_while_inflating(stream: bytes, raw: np.ndarray, pixels: np.ndarray
     global _inflaters
     with _inflaters_lock:
         if _inflaters is None:
-            _inflaters = ThreadPoolExecutor(available_cores(), thread_name_prefix="medlens-inflate")
+            # Threads start only as callers overlap; more callers than threads would wait, never deadlock.
+            _inflaters = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="medlens-inflate")
     progress: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
 
     def inflate() -> None:
