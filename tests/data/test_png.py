@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from medlens.data import readers
-from medlens.data.png import SIGNATURE, chunks_fit, decode_grey8
+from medlens.data.png import SIGNATURE, _image_data, chunks_fit, decode_grey8
 from medlens.data.readers import load_image
 from medlens.errors import ImageReadError
 
@@ -195,3 +195,14 @@ def test_a_chunk_declaring_more_than_the_file_holds_never_reaches_opencv(monkeyp
     with pytest.raises(ImageReadError, match="corrupt or truncated"):
         load_image(FOUR_GB_CHUNK)
     assert calls == []
+
+
+def test_a_header_declaring_more_rows_than_the_stream_can_hold_allocates_nothing(monkeypatch):
+    huge = _png(np.zeros((1, 1), np.uint8), raw=b"\x00\x00")
+    huge = huge.replace(struct.pack(">II", 1, 1), struct.pack(">II", 100_000, 100_000), 1)
+    ihdr = huge.index(b"IHDR")
+    huge = huge[: ihdr + 17] + struct.pack(">I", zlib.crc32(huge[ihdr : ihdr + 17])) + huge[ihdr + 21 :]
+    assert _image_data(huge)[:2] == (100_000, 100_000)  # a well-formed file, its header checked
+    allocated = []
+    monkeypatch.setattr(np, "empty", lambda *args, **kwargs: allocated.append(args))
+    assert decode_grey8(huge) is None and allocated == []

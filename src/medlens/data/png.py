@@ -33,6 +33,8 @@ _CHUNK_HEAD = struct.Struct(">I4s")
 _IHDR = struct.Struct(">IIBBBBB")
 CRITICAL_CHECKED = (b"IHDR", b"IDAT", b"IEND")
 """The chunks whose CRC is checked; libpng too refuses a damaged critical chunk and skips ancillary ones."""
+MAX_DEFLATE_RATIO = 1032
+"""Deflate cannot expand its input more than this (a 258-byte match per 2 bits, at best)."""
 INFLATE_STEPS = 8
 """With ``overlap``, the filters of the rows inflated so far are undone after each eighth of the image."""
 
@@ -50,7 +52,10 @@ def decode_grey8(data: bytes, overlap: bool = False) -> np.ndarray | None:
     if found is None:
         return None
     width, height, stream = found
-    raw = np.empty(height * (width + 1), dtype=np.uint8)  # a filter-type byte before every row
+    size = height * (width + 1)  # a filter-type byte before every row
+    if size > MAX_DEFLATE_RATIO * len(stream) + 64:
+        return None  # more rows than the stream can hold: never allocate what a header merely declares
+    raw = np.empty(size, dtype=np.uint8)
     pixels = np.empty((height, width), dtype=np.uint8)
     try:
         if overlap:
