@@ -63,15 +63,22 @@ def choose_backend(folder: Path, manifest: dict[str, Any], backend: str | None =
     return "torch"
 
 
+ORT_SPINNING = "session.intra_op.allow_spinning"
+
+
 class OnnxRunner:
     """An ONNX Runtime session over an exported graph: a float32 (B, C, H, W) batch in, logits out."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, spin: bool = True):
+        """``spin=False``: idle threads sleep at once instead of spinning a while after each call (see
+        :meth:`~medlens.inference.Predictor.from_checkpoint`)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        if not spin:
+            options.add_session_config_entry(ORT_SPINNING, "0")
         options.log_severity_level = 3  # errors only: its graph-optimiser notes are not the user's concern
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

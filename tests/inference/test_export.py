@@ -12,12 +12,14 @@ import pytest
 from helpers import tiny_run
 from safetensors.torch import load_file, save_file
 
-from medlens.backends import ONNX_FILE
+from medlens.backends import ONNX_FILE, ORT_SPINNING
 from medlens.cli import main
 from medlens.config import load_config
 from medlens.errors import CheckpointError
 from medlens.export import PARITY_TOLERANCE, export_onnx
 from medlens.inference import Predictor
+from medlens.serve.schemas import Limits
+from medlens.serve.service import load_served_model
 from medlens.training.checkpoint import read_manifest, update_manifest
 from medlens.training.fit import train
 
@@ -188,3 +190,20 @@ def test_training_ends_with_an_export_and_a_failed_one_only_warns(tmp_path, monk
     skipped = tmp_path / "skipped"
     train(load_config(None, [*TINY, "train.export_onnx=false"]), skipped, progress=False)
     assert not (skipped / "best" / ONNX_FILE).exists() and "onnx" not in read_manifest(skipped)
+
+
+def test_the_server_lets_onnx_runtime_threads_sleep_between_requests(checkpoint):
+    def spinning(predictor: Predictor) -> str:
+        options = predictor.onnx.session.get_session_options()
+        try:
+            return options.get_session_config_entry(ORT_SPINNING)
+        except Exception:  # ONNX Runtime raises its own type for a key never set: its default, spinning
+            return "default"
+
+    _say_faster(checkpoint, "onnxruntime")
+    assert spinning(Predictor.from_checkpoint(checkpoint)) == "default"
+    served = load_served_model(checkpoint, Limits(max_upload_bytes=2**20, max_pixels=10**6, request_seconds=5))
+    try:
+        assert served.predictor.backend == "onnxruntime" and spinning(served.predictor) == "0"
+    finally:
+        served.close()

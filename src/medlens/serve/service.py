@@ -91,7 +91,7 @@ def load_served_model(checkpoint: str | Path, limits: Limits) -> ServedModel:
     """The served model for a checkpoint folder (or a run folder), chosen by what its manifest says."""
     if read_manifest(checkpoint).get("kind") == FACE_KIND:
         return FaceModel(FacePredictor.from_checkpoint(checkpoint), limits)
-    return ClassifierModel(Predictor.from_checkpoint(checkpoint), limits)
+    return ClassifierModel(Predictor.from_checkpoint(checkpoint, spin=False), limits)
 
 
 def expects_chest_xrays(manifest: dict[str, Any]) -> bool:
