@@ -67,11 +67,13 @@ ORT_SPINNING = "session.intra_op.allow_spinning"
 
 
 class OnnxRunner:
-    """An ONNX Runtime session over an exported graph: a float32 (B, C, H, W) batch in, logits out."""
+    """An ONNX Runtime session over an exported graph: a float32 (B, C, H, W) batch in, logits out.
+
+    ``spin=False``: idle threads sleep at once instead of spinning a while after each call (see
+    :meth:`~medlens.inference.Predictor.from_checkpoint`).
+    """
 
     def __init__(self, path: Path, threads: int | None = None, spin: bool = True):
-        """``spin=False``: idle threads sleep at once instead of spinning a while after each call (see
-        :meth:`~medlens.inference.Predictor.from_checkpoint`)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import functools
 import itertools
+import os
+import signal
 import struct
+import time
 import zlib
 
 import cv2
@@ -56,16 +59,29 @@ def _png(
     header: tuple[int, int, int, int, int] = (8, 0, 0, 0, 0),
     between: bytes = b"",
     end: bool = True,
+    stream: bytes | None = None,
+    extra: bytes = b"",
 ) -> bytes:
-    """A PNG of ``pixels`` written by hand, so each filter type and each kind of damage can be chosen."""
+    """A PNG of ``pixels`` written by hand, so each filter type and each kind of damage can be chosen.
+
+    ``raw``: the scanlines to compress instead; ``stream``: the zlib stream itself; ``extra``: chunks after IHDR.
+    """
     height, width = pixels.shape
     kinds = kinds if kinds is not None else [y % 5 for y in range(height)]
-    stream = zlib.compress(raw if raw is not None else _filtered(pixels, kinds))
+    if stream is None:
+        stream = zlib.compress(raw if raw is not None else _filtered(pixels, kinds))
     cut = [len(stream) * i // idat_parts for i in range(idat_parts + 1)]
     idats = [_chunk(b"IDAT", stream[a:b]) for a, b in itertools.pairwise(cut)]
-    data = SIGNATURE + _chunk(b"IHDR", struct.pack(">II", width, height) + bytes(header))
+    data = SIGNATURE + _chunk(b"IHDR", struct.pack(">II", width, height) + bytes(header)) + extra
     data += _chunk(b"gAMA", struct.pack(">I", 45455)) + idats[0] + between + b"".join(idats[1:])
     return data + (_chunk(b"IEND", b"") if end else b"")
+
+
+def _zlib_header(stream: bytes, method: int, dictionary: bool = False) -> bytes:
+    """``stream`` with its first byte (method and window) replaced, the check bits made valid again."""
+    flags = (stream[1] & 0xC0) | (0x20 if dictionary else 0)
+    flags |= (31 - (method << 8 | flags) % 31) % 31
+    return bytes([method, flags]) + stream[2:]
 
 
 @pytest.fixture(params=[False, True], ids=["one thread", "overlapped"])
@@ -111,12 +127,23 @@ def test_files_from_opencv_and_pil_decode_exactly(decode, pixels, level, tmp_pat
 def _damaged(pixels: np.ndarray) -> dict[str, bytes]:
     good = _png(pixels)
     idat = good.index(b"IDAT")
-    flipped = bytearray(good)
-    flipped[idat + 10] ^= 0xFF  # inside the IDAT body: its CRC no longer matches
+    (length,) = struct.unpack(">I", good[idat - 4 : idat])
+    bad_crc = bytearray(good)
+    bad_crc[idat + 4 + length] ^= 0xFF  # the CRC itself: the chunk's data and the stream stay intact
     raw = _filtered(pixels, [0] * len(pixels))
     unknown_filter = bytes([5]) + raw[1:]
+    stream = zlib.compress(raw)
+    bad_adler = stream[:-1] + bytes([stream[-1] ^ 0xFF])
     return {
-        "bad IDAT CRC": bytes(flipped),
+        "bad IDAT CRC": bytes(bad_crc),
+        "bad Adler-32": _png(pixels, stream=bad_adler),
+        "data after the zlib stream": _png(pixels, stream=stream + b"\x03\x00"),
+        "zlib window over 32 KB": _png(pixels, stream=_zlib_header(stream, 0x88)),
+        "zlib preset dictionary": _png(pixels, stream=_zlib_header(stream, 0x78, dictionary=True)),
+        "unknown critical chunk": _png(pixels, extra=_chunk(b"ABCD", b"x")),
+        "second IHDR": _png(pixels, extra=_chunk(b"IHDR", good[16:29])),
+        "PLTE in a greyscale file": _png(pixels, extra=_chunk(b"PLTE", bytes(3))),
+        "chunk type not letters": _png(pixels, extra=_chunk(b"ab1d", b"")),
         "no IEND (truncated)": _png(pixels, end=False),
         "cut inside a chunk": good[: idat + 20],
         "IDAT chunks not consecutive": _png(pixels, idat_parts=2, between=_chunk(b"tEXt", b"a\x00b")),
@@ -136,14 +163,24 @@ def test_anything_not_strictly_well_formed_is_left_to_the_general_decoder(decode
     assert decode(_damaged(pixels)[problem]) is None
 
 
+def test_the_damage_cases_are_each_one_defect_of_a_good_file(decode, pixels):
+    # The same builders with nothing wrong decode, so each case above fails for its own defect.
+    stream = zlib.compress(_filtered(pixels, [0] * len(pixels)))
+    assert np.array_equal(decode(_png(pixels, stream=_zlib_header(stream, 0x78))), pixels)
+    assert np.array_equal(decode(_png(pixels, extra=_chunk(b"vpAg", b"x"))), pixels)  # unknown, ancillary
+
+
 @pytest.mark.parametrize("overlap", [False, True])
-def test_a_damaged_file_still_reads_or_fails_as_libpng_says(pixels, overlap):
+def test_a_declined_file_still_reads_or_fails_as_the_general_decoders_say(pixels, overlap):
     damaged = _damaged(pixels)
-    # Missing IEND: libpng has every row and reads it; our decoder declined, so the reader fell back to it.
-    read = load_image(damaged["no IEND (truncated)"], overlap=overlap).pixels
-    assert np.array_equal(read, pixels / np.float32(255))
+    # Every row is there: libpng reads a file without IEND, and PIL one whose IDAT CRC is wrong (it skips them).
+    for problem in ("no IEND (truncated)", "bad IDAT CRC"):
+        read = load_image(damaged[problem], overlap=overlap).pixels
+        assert np.array_equal(read, pixels / np.float32(255)), problem
+    broken = bytearray(_png(pixels))
+    broken[broken.index(b"IDAT") + 10] ^= 0xFF  # inside the compressed rows: no decoder can read them
     with pytest.raises(ImageReadError, match="corrupt or truncated"):
-        load_image(damaged["bad IDAT CRC"], overlap=overlap)
+        load_image(bytes(broken), overlap=overlap)
 
 
 def test_every_real_grey_png_decodes_exactly_as_libpng(decode, shared_data):
@@ -175,7 +212,7 @@ def test_random_scanlines_and_filter_bytes_decode_as_libpng_or_are_declined(deco
         libpng = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if ours is not None:
             answered += 1
-            assert libpng is not None and np.array_equal(ours, libpng.reshape(ours.shape))
+            assert libpng is not None and np.array_equal(ours, libpng)
         elif (rows[:, 0] <= 4).all():
             raise AssertionError(f"a valid {height}x{width} file was declined")
     assert answered > 50
@@ -206,3 +243,20 @@ def test_a_header_declaring_more_rows_than_the_stream_can_hold_allocates_nothing
     allocated = []
     monkeypatch.setattr(np, "empty", lambda *args, **kwargs: allocated.append(args))
     assert decode_grey8(huge) is None and allocated == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_decodes_with_its_own_helper_threads(pixels):
+    data = _png(pixels)
+    assert np.array_equal(decode_grey8(data, overlap=True), pixels)  # the parent's pool now has a thread
+    child = os.fork()
+    if child == 0:  # the child: the parent's pool came without its thread
+        os._exit(0 if np.array_equal(decode_grey8(data, overlap=True), pixels) else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        raise AssertionError("the forked child hung decoding")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

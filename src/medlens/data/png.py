@@ -96,13 +96,25 @@ _inflaters: ThreadPoolExecutor | None = None
 _inflaters_lock = threading.Lock()
 
 
+def _forget_inflaters() -> None:
+    """In a forked child: the parent's pool came without its threads, and work queued on it would never run."""
+    global _inflaters, _inflaters_lock
+    _inflaters, _inflaters_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inflaters)
+
+
 def _unfilter_while_inflating(stream: bytes, raw: np.ndarray, pixels: np.ndarray) -> bool:
     """Undo the filters of each batch of rows as soon as a helper thread has inflated it."""
     global _inflaters
     with _inflaters_lock:
         if _inflaters is None:
-            # Threads start only as callers overlap; more callers than threads would wait, never deadlock.
+            # Threads start only as callers overlap, so the bound (all CPUs) is never reached in practice;
+            # callers beyond it would wait for a thread, never deadlock.
             _inflaters = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="medlens-inflate")
+        pool = _inflaters
     progress: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
 
     def inflate() -> None:
@@ -113,8 +125,13 @@ def _unfilter_while_inflating(stream: bytes, raw: np.ndarray, pixels: np.ndarray
         except BaseException as exc:  # handed to the caller, which raises it
             progress.put(exc)
 
-    _inflaters.submit(inflate)
     height, width = pixels.shape
+    try:
+        pool.submit(inflate)
+    except RuntimeError:  # the interpreter is shutting down: no new threads
+        for _ in _inflate(stream, raw, steps=1):
+            pass
+        return _unfilter(raw, pixels, 0, height)
     rows = 0
     while (done := progress.get()) is not None:
         if isinstance(done, BaseException):
@@ -125,6 +142,11 @@ def _unfilter_while_inflating(stream: bytes, raw: np.ndarray, pixels: np.ndarray
                 return False  # the helper finishes inflating into ``raw``, which nothing else reads
             rows = ready
     return rows == height
+
+
+def compile_now() -> None:
+    """Compile the filter loop now rather than on the first image (~1 s; numba's cache makes it faster later)."""
+    _unfilter(np.zeros(2, dtype=np.uint8), np.zeros((1, 1), dtype=np.uint8), 0, 1)
 
 
 def chunks_fit(data: bytes) -> bool:
@@ -171,11 +193,23 @@ def _image_data(data: bytes) -> tuple[int, int, bytes] | None:
                 return None  # the format wants IDAT chunks back to back
             parts.append(body)
         elif kind == b"IEND":
-            return (*header, b"".join(parts)) if parts else None
+            stream = b"".join(parts)
+            return (*header, stream) if _zlib_header_ok(stream) else None
+        elif not kind.isalpha() or kind[:1].isupper():
+            return None  # a malformed type, or a critical chunk greyscale has no use for (PLTE, a second IHDR...)
         else:
             idat_ended = bool(parts)
         pos = end
     return None  # no IEND: truncated
+
+
+def _zlib_header_ok(stream: bytes) -> bool:
+    """Deflate with a window of at most 32 KB, a valid check and no preset dictionary, as PNG and libpng require
+    (ISA-L would accept a larger window)."""
+    if len(stream) < 2:
+        return False
+    method, flags = stream[0], stream[1]
+    return method & 0x0F == 8 and method >> 4 <= 7 and (method << 8 | flags) % 31 == 0 and not flags & 0x20
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)

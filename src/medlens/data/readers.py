@@ -26,7 +26,6 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from medlens.data.png import chunks_fit, decode_grey8
 from medlens.errors import ImageReadError
 
 if TYPE_CHECKING:
@@ -155,6 +154,8 @@ def _decode_plain_grey_png(data: bytes, label: str, max_pixels: int, overlap: bo
     ancillary = data[: max(data.find(b"IDAT"), 0)]
     if b"tRNS" in ancillary or b"eXIf" in ancillary:
         return None
+    from medlens.data.png import chunks_fit, decode_grey8  # numba and LLVM load on the first PNG, not on import
+
     pixels = decode_grey8(data, overlap=overlap) if depth == 8 else None
     if pixels is None:  # 16-bit, interlaced, or not strictly well-formed: libpng, which is more forgiving
         if not chunks_fit(data):
