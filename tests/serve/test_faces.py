@@ -11,12 +11,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from medlens.serve.app import create_app
+from medlens.serve.background import serve_in_thread
 
 PEOPLE = ("Tony_Blair", "Serena_Williams", "Colin_Powell")
 
 
 @pytest.fixture(scope="module")
-def face_client(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+def face_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A logistic head on the first 6 photos of each of PEOPLE."""
     pytest.importorskip("dlib", reason="face checkpoints need dlib: pip install dlib-bin face-recognition-models")
     from medlens.faces.pipeline import train_face_head
 
@@ -26,7 +28,12 @@ def face_client(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
         for photo in sorted((shared_data / "faces-lfw15" / person).glob("*.jpg"))[:6]:
             (root / "photos" / person / photo.name).symlink_to(photo)
     train_face_head(root / "photos", root / "run", head="logistic", progress=False)
-    with TestClient(create_app(root / "run")) as client:
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def face_client(face_run: Path):
+    with TestClient(create_app(face_run)) as client:
         yield client
 
 
@@ -61,3 +68,24 @@ def test_face_report_keeps_the_server_pixel_limit(face_client: TestClient):
         response = face_client.post(route, files={"file": ("face.jpg", huge.getvalue())})
         assert response.status_code == 422 and response.json()["error"] == "unreadable_image", route
         assert "16,000,000" in response.json()["detail"], route
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_the_page_shows_a_face_checkpoints_top_k_and_its_heatmap(browser, face_run: Path, shared_data, tmp_path):
+    person = PEOPLE[1]
+    photo = sorted((shared_data / "faces-lfw15" / person).glob("*.jpg"))[-1]  # not one the head was trained on
+    with serve_in_thread(create_app(face_run), log_level="warning") as base:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(base)
+        page.wait_for_selector("#model-name:not(:empty)")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("#heatmap:not([hidden])", timeout=60_000)
+        assert page.text_content("#findings-title") == f"Most probable 3 of {len(PEOPLE)} classes"
+        rows = page.locator("#findings .bar .label").all_text_contents()
+        shown = [float(v.rstrip("%")) for v in page.locator("#findings .bar .value").all_text_contents()]
+        assert sorted(rows) == sorted(PEOPLE) and rows[0] == person and shown == sorted(shown, reverse=True)
+        assert page.locator("#findings .threshold").count() == 0  # classes, not findings with thresholds
+        assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
+        assert page.is_hidden("#ood") and page.is_hidden("#error")
+        page.screenshot(path=str(tmp_path / "face-checkpoint.png"), full_page=True)
