@@ -1,8 +1,8 @@
 """``medlens predict``: probabilities for many images into a CSV, resumable, decoding beside compute.
 
-Images are decoded on a thread pool while the model runs on the previous batch (PIL, OpenCV and pydicom
-release the GIL while decoding), memory stays bounded by a few batches, and rows already in the output
-CSV are skipped on a re-run, so a killed job continues where it stopped.
+Images are decoded on a thread pool while the model runs on the previous batch (the PNG decoder, PIL,
+OpenCV and pydicom release the GIL while decoding), memory stays bounded by a few batches, and rows
+already in the output CSV are skipped on a re-run, so a killed job continues where it stopped.
 """
 
 from __future__ import annotations

@@ -124,8 +124,9 @@ def test_png_8bit_grayscale_divides_by_255(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_grey_png_decoded_by_opencv_has_exactly_pils_pixels(dtype):
-    """8/16-bit greyscale PNGs (chest X-rays) take OpenCV's faster decoder; PNG is lossless, so nothing changes."""
+def test_grey_png_decoded_on_the_fast_path_has_exactly_pils_pixels(dtype):
+    """8/16-bit greyscale PNGs (chest X-rays) take medlens's or OpenCV's faster decoder; PNG is lossless, so
+    nothing changes."""
     top = np.iinfo(dtype).max
     values = np.random.default_rng(3).integers(0, top, (37, 53), dtype=dtype, endpoint=True)
     data = _png_bytes(values)
