@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 
@@ -34,6 +36,21 @@ def test_upload_shows_bars_and_heatmap(browser, live_server, shared_data, tmp_pa
     page.wait_for_selector("#ood:not([hidden])", timeout=60_000)
     assert page.is_hidden("#results") and page.locator("#ood-reasons li").count() >= 1
     page.screenshot(path=str(tmp_path / "face.png"), full_page=True)
+
+    # Dropped instead of chosen: the film's bytes as a File in a drop event on the drop zone.
+    dropped = page.evaluate_handle(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+            return transfer;
+        }""",
+        base64.b64encode(xray.read_bytes()).decode("ascii"),
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+    page.wait_for_selector("#ood", state="hidden", timeout=60_000)
+    page.wait_for_selector("#heatmap:not([hidden])", timeout=60_000)
+    assert page.locator("#findings .bar").count() == len(labels)
 
     page.set_input_files("#file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
     page.wait_for_selector("#error:not([hidden])", timeout=60_000)
