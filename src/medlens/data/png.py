@@ -58,12 +58,8 @@ def decode_grey8(data: bytes, overlap: bool = False) -> np.ndarray | None:
     raw = np.empty(size, dtype=np.uint8)
     pixels = np.empty((height, width), dtype=np.uint8)
     try:
-        if overlap:
-            done = _unfilter_while_inflating(stream, raw, pixels)
-        else:
-            for _ in _inflate(stream, raw, steps=1):
-                pass
-            done = _unfilter(raw, pixels, 0, height)
+        decode = _unfilter_while_inflating if overlap else _inflate_then_unfilter
+        done = decode(stream, raw, pixels)
     except (_Damaged, isal_zlib.error):
         return None
     return pixels if done else None
@@ -90,6 +86,13 @@ def _inflate(stream: bytes, raw: np.ndarray, steps: int) -> Iterator[int]:
         raise _Damaged("the stream holds more than the declared rows")
     if not inflater.eof or inflater.unused_data:
         raise _Damaged("the stream does not end after the last row")
+
+
+def _inflate_then_unfilter(stream: bytes, raw: np.ndarray, pixels: np.ndarray) -> bool:
+    """The whole stream inflated, then every row's filter undone, on this thread."""
+    for _ in _inflate(stream, raw, steps=1):
+        pass
+    return _unfilter(raw, pixels, 0, len(pixels))
 
 
 _inflaters: ThreadPoolExecutor | None = None
@@ -129,9 +132,7 @@ def _unfilter_while_inflating(stream: bytes, raw: np.ndarray, pixels: np.ndarray
     try:
         pool.submit(inflate)
     except RuntimeError:  # the interpreter is shutting down: no new threads
-        for _ in _inflate(stream, raw, steps=1):
-            pass
-        return _unfilter(raw, pixels, 0, height)
+        return _inflate_then_unfilter(stream, raw, pixels)
     rows = 0
     while (done := progress.get()) is not None:
         if isinstance(done, BaseException):
@@ -156,15 +157,19 @@ def chunks_fit(data: bytes) -> bool:
     takes 4 GB (found by fuzzing). Only a complete chunk header counts; a file that simply stops is truncated,
     which every decoder reports on its own.
     """
+    return all(end <= len(data) for _, _, end in _chunks(data))
+
+
+def _chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(type, start of its data, end of its CRC) of each chunk with a complete header, up to IEND."""
     pos = len(SIGNATURE)
     while pos + _CHUNK_HEAD.size <= len(data):
         length, kind = _CHUNK_HEAD.unpack_from(data, pos)
-        pos += 12 + length
-        if pos > len(data):
-            return False
-        if kind == b"IEND":
-            break
-    return True
+        end = pos + 12 + length
+        yield kind, pos + 8, end
+        if kind == b"IEND" or end > len(data):
+            return
+        pos = end
 
 
 def _image_data(data: bytes) -> tuple[int, int, bytes] | None:
@@ -172,17 +177,15 @@ def _image_data(data: bytes) -> tuple[int, int, bytes] | None:
     if not data.startswith(SIGNATURE):
         return None
     view = memoryview(data)
-    pos, header, parts, idat_ended = len(SIGNATURE), None, [], False
-    while pos + 12 <= len(data):
-        length, kind = _CHUNK_HEAD.unpack_from(data, pos)
-        end = pos + 12 + length
-        if length > 2**31 - 1 or end > len(data):
+    header, parts, idat_ended = None, [], False
+    for kind, start, end in _chunks(data):
+        if end > len(data):
             return None
-        body = view[pos + 8 : end - 4]
+        body = view[start : end - 4]
         if kind in CRITICAL_CHECKED and zlib.crc32(body, zlib.crc32(kind)) != int.from_bytes(view[end - 4 : end]):
             return None
         if header is None:
-            if kind != b"IHDR" or length != _IHDR.size:
+            if kind != b"IHDR" or len(body) != _IHDR.size:
                 return None
             width, height, depth, colour, compression, filtering, interlace = _IHDR.unpack(body)
             if (depth, colour, compression, filtering, interlace) != (8, 0, 0, 0, 0) or not width or not height:
@@ -199,7 +202,6 @@ def _image_data(data: bytes) -> tuple[int, int, bytes] | None:
             return None  # a malformed type, or a critical chunk greyscale has no use for (PLTE, a second IHDR...)
         else:
             idat_ended = bool(parts)
-        pos = end
     return None  # no IEND: truncated
 
 
