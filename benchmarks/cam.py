@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
 import torch
+from common import machine
 
 from medlens.explain.cam import CAM_METHODS, CamExplainer
 from medlens.models import create_model
-from medlens.runtime import apply_cpu_defaults, available_cores, to_channels_last
+from medlens.runtime import apply_cpu_defaults, to_channels_last
 
 WARMUP = 2
 
@@ -58,12 +57,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = to_channels_last(create_model(args.model, num_classes=14, in_chans=1).eval())
     x = torch.randn(1, 1, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    cores = available_cores()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), load average {load:.1f}"
-    )
+    print(machine())
     print(f"{args.model} at {args.size} px, batch 1, {args.repeats} repeats after {WARMUP} warm-up calls\n")
 
     def forward() -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
-from common import foreign_env  # imports medlens: sets torch's OpenMP policy before torch loads
+from common import foreign_env, machine  # imports medlens: sets torch's OpenMP policy before torch loads
 
 MODELS = ("resnet50", "densenet121", "efficientnet_b0")
 BATCHES = (1, 32)
@@ -84,12 +83,9 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    import torch
+    import torch  # noqa: F401  (so that the machine line names its version)
 
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, python "
-        f"{platform.python_version()}"
-    )
+    print(machine())
     print(f"{'model':<16}{'batch':>6}{'naive img/s (min/med/max)':>30}{'medlens img/s (min/med/max)':>32}{'ratio':>8}")
     speedups: dict[str, dict[str, float]] = {}
     for name in args.models:

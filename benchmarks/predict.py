@@ -46,10 +46,12 @@ import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before t
 import torch
 from common import NIH_IMAGES, alternate, foreign_env, machine, random_checkpoint, rates, spread
 
+from medlens.backends import choose_backend
 from medlens.export import export_onnx
 from medlens.inference import Predictor
 from medlens.predict import predict_to_csv
 from medlens.runtime import apply_cpu_defaults
+from medlens.training.checkpoint import read_manifest
 
 BENCH_DEPS = Path(__file__).resolve().parents[1] / ".bench-deps"
 # --no-deps: torch, torchvision, numpy, scipy, pandas, requests and pillow come from the venv; these do not.
@@ -160,7 +162,7 @@ def main() -> None:
         checkpoint = random_checkpoint(scratch / "torch", MODEL, SIZE)
         exported = shutil.copytree(checkpoint, scratch / "onnx" / "best")
         export_onnx(exported, paths[:8], batch_size=BATCH, repeats=1)
-        default = Predictor.from_checkpoint(exported).backend  # what `medlens train` + `predict` take: auto
+        default = choose_backend(exported, read_manifest(exported))  # what `medlens train` + `predict` take: auto
         calls = medlens_paths(Predictor.from_checkpoint(checkpoint, backend="torch"), paths, scratch)
         calls |= medlens_paths(Predictor.from_checkpoint(exported, backend="onnxruntime"), paths, scratch)
         children = [XrvPath(paths, 1), XrvPath(paths, BATCH)] if xrv is not None else []

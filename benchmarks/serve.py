@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,13 +43,12 @@ from pathlib import Path
 import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
 import httpx
 import numpy as np
-import torch
-from common import SHARED, random_checkpoint
+from common import SHARED, machine, random_checkpoint
 
 from medlens.backends import BACKEND_ENV
 from medlens.export import export_onnx
 from medlens.inference import Predictor
-from medlens.runtime import apply_cpu_defaults, available_cores
+from medlens.runtime import apply_cpu_defaults
 from medlens.serve.background import LOOPBACK, free_port
 from medlens.training.checkpoint import read_manifest
 
@@ -210,12 +208,7 @@ def main() -> None:
             export_onnx(checkpoint, [IMAGE])
         os.environ[BACKEND_ENV] = args.backend  # this process's Predictor and the server's
         predictor = Predictor.from_checkpoint(checkpoint)
-        cores = available_cores()
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(
-            f"{platform.processor() or platform.machine()}, {cores} cores, python {platform.python_version()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average {load:.1f}"
-        )
+        print(machine())
         print(
             f"{predictor.manifest['model']['name']} at {predictor.image_size} px on {predictor.backend}, "
             f"{len(predictor.labels)} labels; "

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import pytest
 
+from medlens.runtime import available_cores
 from medlens.serve.service import Workers
 from medlens.serve.uploads import RequestError
 
@@ -37,7 +37,7 @@ def test_model_calls_run_one_at_a_time_on_one_thread():
 
 def test_image_work_is_bounded_by_the_cores():
     workers = Workers("test-image", request_seconds=10)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     lock, inside, peak = threading.Lock(), [0], [0]
 
     def request() -> None:

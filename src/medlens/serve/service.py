@@ -192,8 +192,7 @@ class ClassifierModel:
         self.guard = expects_chest_xrays(predictor.manifest)
         # CAM hooks fire on every forward of the model they sit on, so they sit on a copy that plain
         # predictions never run through.
-        self._cam_model = copy.deepcopy(predictor.model)
-        self._cam_predictor = Predictor(self._cam_model, predictor.manifest, predictor.path)
+        self._cam_predictor = Predictor(copy.deepcopy(predictor.model), predictor.manifest, predictor.path)
         self._explainer: CamExplainer | None = None
         self._workers = Workers("medlens-model", limits.request_seconds)
         compile_now()  # the PNG decoder's loop, so that the first upload does not wait for numba
@@ -305,7 +304,7 @@ class ClassifierModel:
             # One explainer at a time: each one's hooks fire on every forward of the CAM model.
             if self._explainer is not None:
                 self._explainer.close()
-            self._explainer = CamExplainer(self._cam_model, method)
+            self._explainer = CamExplainer(self._cam_predictor.model, method)
         return self._explainer
 
     def close(self) -> None:

@@ -47,6 +47,7 @@ from medlens.training.fit import (
     HISTORY_FILE,
     SPLITS_FILE,
     RunData,
+    export_trained,
     load_cached_table,
     operating_points,
     operating_thresholds,
@@ -116,11 +117,7 @@ def cross_validate(
         **ensemble_fields,
     )
     if config.train.export_onnx:
-        from medlens.export import export_or_warn
-
-        paths = table.paths
-        learned = _rows_except(splits, "test")
-        export_or_warn(run_dir / ENSEMBLE_DIR, [paths[i] for i in learned[:32]])
+        export_trained(run_dir / ENSEMBLE_DIR, table, _rows_except(splits, "test"))
     log.info("cross-validation done: %s; ensemble in %s", _headline_line(metrics), run_dir / ENSEMBLE_DIR)
     return metrics
 

@@ -302,7 +302,7 @@ def _fit(
     if ctx.is_main:
         validation_probs = _calibrate_best(config, run_dir, data)
         if t.export_onnx:
-            _export_best(run_dir, data)
+            export_trained(run_dir / "best", data.table, data.splits["val"])
         _plot_history(run_dir)
         if on_calibrated is not None:
             on_calibrated(data, validation_probs)
@@ -515,12 +515,14 @@ def operating_points(per_class: dict[str, dict[str, Any]]) -> dict[str, dict[str
     return {name: {key: point[key] for key in OPERATING_POINT_KEYS} for name, point in per_class.items()}
 
 
-def _export_best(run_dir: Path, data: RunData) -> None:
-    """best/ exported to ONNX and raced against torch, parity checked on up to 32 validation images."""
+PARITY_IMAGES = 32
+
+
+def export_trained(folder: Path, table: RecordTable, rows: np.ndarray) -> None:
+    """``folder`` exported to ONNX and raced against torch, parity checked on up to 32 images of ``rows``."""
     from medlens.export import export_or_warn
 
-    paths = data.table.paths
-    export_or_warn(run_dir / "best", [paths[i] for i in data.splits["val"][:32]])
+    export_or_warn(folder, [table.root / path for path in table.frame["path"].iloc[rows[:PARITY_IMAGES]]])
 
 
 def _plot_history(run_dir: Path) -> None:
