@@ -2,7 +2,7 @@
 
 For each model a random-weight checkpoint (14 NIH labels, 224 px, 1 channel) is exported with
 ``medlens export``'s code (parity checked on 8 real NIH films), then both backends run the same
-preprocessed real images through ``Predictor.logits``, alternately, so load on a shared machine hits both.
+preprocessed real images through ``NetworkModel.forward``, alternately, so load on a shared machine hits both.
 
     .venv/bin/python benchmarks/backends.py [--models densenet121 resnet50 efficientnet_b0] [--repeats 5]
 
@@ -18,12 +18,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
+import common  # noqa: F401  (first: applies the CPU tuning before torch loads)
 import torch
 from common import NIH_IMAGES, alternate, machine, random_checkpoint, rates, spread
 
-from medlens.export import export_onnx
-from medlens.inference import Predictor
+from medlens.inference import load_model
+from medlens.jobs.export import export_onnx
 from medlens.runtime import apply_cpu_defaults
 
 MODELS = ("densenet121", "resnet50", "efficientnet_b0")
@@ -34,12 +34,12 @@ def compare(name: str, images: list[Path], repeats: int, scratch: Path) -> tuple
     """Median ORT/torch images/s per batch size, and which backend the export chose."""
     checkpoint = random_checkpoint(scratch / name, name, SIZE)
     report = export_onnx(checkpoint, images[:8], batch_size=32, repeats=2)
-    on = {backend: Predictor.from_checkpoint(checkpoint, backend=backend) for backend in ("torch", "onnxruntime")}
+    on = {backend: load_model(checkpoint, backend=backend) for backend in ("torch", "onnxruntime")}
     prepared = on["torch"].to_tensor([on["torch"].read(p) for p in images[:32]])
     ratios = {}
     for batch in (1, 32):
         x = prepared[:batch]
-        calls = {backend: (lambda p=p, x=x: p.logits(x)) for backend, p in on.items()}
+        calls = {backend: (lambda p=p, x=x: p.forward(x)) for backend, p in on.items()}
         seconds = alternate(calls, repeats * (4 if batch == 1 else 1), warmup=2)
         speed = {backend: rates(s, batch) for backend, s in seconds.items()}
         ratios[batch] = statistics.median(speed["onnxruntime"]) / statistics.median(speed["torch"])

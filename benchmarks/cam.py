@@ -18,13 +18,14 @@ import statistics
 import time
 from collections.abc import Callable
 
-import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
+import common  # noqa: F401  (first: applies the CPU tuning before torch loads)
 import torch
 from common import machine
 
 from medlens.explain.cam import CAM_METHODS, CamExplainer
 from medlens.models import create_model
-from medlens.runtime import apply_cpu_defaults, to_channels_last
+from medlens.models.inputs import to_channels_last
+from medlens.runtime import apply_cpu_defaults
 
 WARMUP = 2
 

@@ -1,7 +1,8 @@
 """What the benchmarks share: the machine line, alternate timing, min/median/max.
 
-Importing this module imports medlens, which sets torch's OpenMP wait policy; that only takes effect
-before torch loads, so every script imports ``common`` before torch (``import common`` sorts first).
+Importing this module applies medlens's CPU tuning, as the ``medlens`` command does (``apply_cpu_defaults``:
+torch's OpenMP wait policy, the allocator, threads); the wait policy only takes effect before torch loads,
+so every script imports ``common`` before torch (``import common`` sorts first).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import medlens  # noqa: F401  (sets the OpenMP policy torch reads when it loads)
-from medlens.runtime import available_cores
+from medlens.runtime import apply_cpu_defaults, available_cores
+
+apply_cpu_defaults()  # what the medlens command does first; before torch loads, for the OpenMP wait policy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NIH_IMAGES = SHARED / "nih14" / "images"
@@ -87,7 +89,7 @@ def random_checkpoint(folder: Path, model_name: str, size: int) -> Path:
     import torch
 
     from medlens.models import create_model
-    from medlens.training.checkpoint import save_checkpoint
+    from medlens.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=len(NIH_LABELS), in_chans=1, pretrained=False)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from common import foreign_env, machine  # imports medlens: sets torch's OpenMP policy before torch loads
+from common import foreign_env, machine  # first: applies the CPU tuning before torch loads
 
 MODELS = ("resnet50", "densenet121", "efficientnet_b0")
 BATCHES = (1, 32)
@@ -28,7 +28,8 @@ def measure(mode: str, name: str, batch: int, repeats: int) -> list[float]:
     from medlens.models import create_model
 
     if mode == "medlens":
-        from medlens.runtime import apply_cpu_defaults, to_channels_last
+        from medlens.models.inputs import to_channels_last
+        from medlens.runtime import apply_cpu_defaults
 
         apply_cpu_defaults()
     model = create_model(name, num_classes=14, in_chans=1).eval()

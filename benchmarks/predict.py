@@ -42,16 +42,16 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
+import common  # noqa: F401  (first: applies the CPU tuning before torch loads)
 import torch
 from common import NIH_IMAGES, alternate, foreign_env, machine, random_checkpoint, rates, spread
 
 from medlens.backends import choose_backend
-from medlens.export import export_onnx
-from medlens.inference import Predictor
-from medlens.predict import predict_to_csv
+from medlens.inference import NetworkModel, load_model
+from medlens.jobs.export import export_onnx
+from medlens.jobs.predict import predict_to_csv
+from medlens.models.checkpoint import read_manifest
 from medlens.runtime import apply_cpu_defaults
-from medlens.training.checkpoint import read_manifest
 
 BENCH_DEPS = Path(__file__).resolve().parents[1] / ".bench-deps"
 # --no-deps: torch, torchvision, numpy, scipy, pandas, requests and pillow come from the venv; these do not.
@@ -127,7 +127,7 @@ class XrvPath:
         self.child.wait(timeout=60)
 
 
-def medlens_paths(predictor: Predictor, paths: list[Path], scratch: Path) -> dict[str, Callable[[], None]]:
+def medlens_paths(predictor: NetworkModel, paths: list[Path], scratch: Path) -> dict[str, Callable[[], None]]:
     """``medlens predict`` end to end, and the same model on the same images already in memory."""
     batches = [
         predictor.to_tensor([predictor.read(p) for p in paths[start : start + BATCH]])
@@ -142,7 +142,7 @@ def medlens_paths(predictor: Predictor, paths: list[Path], scratch: Path) -> dic
     def model_only() -> None:
         with torch.no_grad():
             for x in batches:
-                predictor.logits(x)
+                predictor.forward(x)
 
     return {f"medlens predict ({predictor.backend})": end_to_end, f"model only ({predictor.backend})": model_only}
 
@@ -163,8 +163,8 @@ def main() -> None:
         exported = shutil.copytree(checkpoint, scratch / "onnx" / "best")
         export_onnx(exported, paths[:8], batch_size=BATCH, repeats=1)
         default = choose_backend(exported, read_manifest(exported))  # what `medlens train` + `predict` take: auto
-        calls = medlens_paths(Predictor.from_checkpoint(checkpoint, backend="torch"), paths, scratch)
-        calls |= medlens_paths(Predictor.from_checkpoint(exported, backend="onnxruntime"), paths, scratch)
+        calls = medlens_paths(load_model(checkpoint, backend="torch"), paths, scratch)
+        calls |= medlens_paths(load_model(exported, backend="onnxruntime"), paths, scratch)
         children = [XrvPath(paths, 1), XrvPath(paths, BATCH)] if xrv is not None else []
         if children:
             calls["torchxrayvision"], calls["torchxrayvision, batches of 32"] = children

@@ -40,17 +40,17 @@ import threading
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
+import common  # noqa: F401  (first: applies the CPU tuning before torch loads)
 import httpx
 import numpy as np
 from common import SHARED, machine, random_checkpoint
 
 from medlens.backends import BACKEND_ENV
-from medlens.export import export_onnx
-from medlens.inference import Predictor
+from medlens.inference import NetworkModel, load_model
+from medlens.jobs.export import export_onnx
+from medlens.models.checkpoint import read_manifest
 from medlens.runtime import apply_cpu_defaults
 from medlens.serve.background import LOOPBACK, free_port
-from medlens.training.checkpoint import read_manifest
 
 IMAGE = SHARED / "nih14" / "images" / "00000061_012.png"
 SERVER = """
@@ -164,7 +164,7 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def forward_ms(predictor: Predictor, repeats: int = 15) -> float:
+def forward_ms(predictor: NetworkModel, repeats: int = 15) -> float:
     """Median batch-1 forward pass in this process, in ms, after the server has been idle for a second.
 
     Idle first: OpenMP threads spin for a while after each parallel region, and the server's spinning
@@ -173,11 +173,11 @@ def forward_ms(predictor: Predictor, repeats: int = 15) -> float:
     x = predictor.to_tensor([predictor.read(IMAGE)])
     time.sleep(1.0)
     for _ in range(3):
-        predictor.probabilities(x)
+        predictor.forward(x)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        predictor.probabilities(x)
+        predictor.forward(x)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -207,7 +207,7 @@ def main() -> None:
         if args.backend == "onnxruntime" and "onnx" not in read_manifest(checkpoint):
             export_onnx(checkpoint, [IMAGE])
         os.environ[BACKEND_ENV] = args.backend  # this process's Predictor and the server's
-        predictor = Predictor.from_checkpoint(checkpoint)
+        predictor = load_model(checkpoint)
         print(machine())
         print(
             f"{predictor.manifest['model']['name']} at {predictor.image_size} px on {predictor.backend}, "

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (first: medlens sets torch's OpenMP policy before torch loads)
+import common  # noqa: F401  (first: applies the CPU tuning before torch loads)
 import cv2
 import numpy as np
 import torch
@@ -37,8 +37,9 @@ from medlens.data import readers
 from medlens.data.cache import build_cache
 from medlens.data.transforms import resize_image
 from medlens.models import create_model
-from medlens.runtime import apply_cpu_defaults, available_cores, to_channels_last
-from medlens.training.batches import augment, epoch_order, to_input
+from medlens.models.inputs import to_channels_last, to_input
+from medlens.runtime import apply_cpu_defaults, available_cores
+from medlens.training.batches import augment, epoch_order
 
 
 def build_serial(paths: list[Path], out: Path, size: int) -> tuple[float, float]:

@@ -45,7 +45,7 @@ TINY_RUN = ["model.name=tiny", "data.image_size=64", "data.phantoms.n=64", "data
 
 def tiny_checkpoint(folder: Path) -> Path:
     from medlens.config import load_config
-    from medlens.training.fit import train
+    from medlens.jobs.train import train
 
     run = folder / "run"
     train(load_config(None, TINY_RUN), run, progress=False)

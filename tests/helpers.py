@@ -51,3 +51,15 @@ METRICS_JSON_KEYS = frozenset(
      "balanced_accuracy", "top_k", "ece", "thresholds", "per_class", "subgroups"}
 )  # fmt: skip
 """The keys the evaluation issue asks metrics.json to carry."""
+
+
+def face_probe(source: Path, *extra: str) -> list[str]:
+    """Overrides for a dlib-face probe on a folder of face photos (later overrides win)."""
+    return [
+        "model.name=dlib_face",
+        "model.strategy=probe",
+        f"data.source={source}",
+        "data.val_fraction=0.2",
+        "data.test_fraction=0.2",
+        *extra,
+    ]

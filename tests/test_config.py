@@ -8,10 +8,8 @@ import pytest
 
 from medlens.config import load_config
 from medlens.errors import ConfigError
-from medlens.faces.pipeline import is_face_config
 
-# Face-embedding configs have their own schema (tests/faces); these are the CNN trainer's.
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not is_face_config(p))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -68,7 +66,7 @@ def test_yaml_is_parsed_safely(tmp_path, value):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("trian:\n  epochs: 3\n", r"unknown config key 'trian' \(top level\); valid keys: data, model, train"),
+        ("trian:\n  epochs: 3\n", r"unknown config key 'trian' \(top level\); valid keys: data, model, faces, train"),
         ("model:\n  nmae: resnet50\n", r"unknown config key 'model\.nmae' \(model\); valid keys: model\.name, "),
         (
             "data:\n  phantoms:\n    count: 3\n",

@@ -7,7 +7,7 @@ from helpers import tiny_run
 
 from medlens.cli import main
 from medlens.config import load_config
-from medlens.tune import BEST_CONFIG_FILE, SEARCH_PLOT_FILE, STORAGE_FILE, STUDY_NAME, best_so_far
+from medlens.jobs.tune import BEST_CONFIG_FILE, SEARCH_PLOT_FILE, STORAGE_FILE, STUDY_NAME, best_so_far
 
 
 def _tune(out, trials: int) -> int:

@@ -1,4 +1,4 @@
-"""Where a Predictor's forward pass runs: the checkpoint's torch model, or its ONNX export under ONNX Runtime.
+"""Where a network model's forward pass runs: the checkpoint's torch model, or its ONNX export under ONNX Runtime.
 
 ``medlens export`` writes ``model.onnx`` into a checkpoint and records in its manifest (``onnx``) the
 sha256 of the graph and of the weights it was exported from, the parity it measured, and which backend
@@ -20,7 +20,7 @@ import torch
 
 from medlens.errors import CheckpointError, ConfigError
 from medlens.io import file_sha256
-from medlens.training.checkpoint import WEIGHTS
+from medlens.models.checkpoint import WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class OnnxRunner:
     """An ONNX Runtime session over an exported graph: a float32 (B, C, H, W) batch in, logits out.
 
     ``spin=False``: idle threads sleep at once instead of spinning a while after each call (see
-    :meth:`~medlens.inference.Predictor.from_checkpoint`).
+    :meth:`~medlens.inference.NetworkModel.from_checkpoint`).
     """
 
     def __init__(self, path: Path, threads: int | None = None, spin: bool = True):

@@ -6,8 +6,10 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from medlens import __version__
 from medlens.errors import MedlensError
@@ -18,6 +20,8 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one job; 0 when it succeeded, 1 with a one-line error for anything a user can cause (a traceback
+    too with ``-v``), 2 for a command line argparse cannot read."""
     parser = build_parser()
     args = parser.parse_args(argv)
     # medlens says what it does; other libraries (the ONNX exporter's optimiser passes, ...) only warn, unless -v.
@@ -28,11 +32,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    from medlens.runtime import apply_cpu_defaults
+
+    apply_cpu_defaults()  # before any job imports torch: the OpenMP wait policy is read when it loads
     try:
         return handler(args)
     except MedlensError as exc:
-        print(f"medlens: error: {exc}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"medlens: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("medlens: interrupted; a run continues with --resume", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,25 +154,19 @@ def _add_train(jobs: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from medlens.config import load_config
-    from medlens.faces.pipeline import is_face_config, load_face_config, train_from_config
-    from medlens.training.fit import train
-
-    if is_face_config(args.config):
-        if args.folds:
-            raise MedlensError(f"--folds cross-validates image classifiers; {args.config} is a face config")
-        result = train_from_config(load_face_config(args.config, args.overrides), args.out)
-        print(f"face head trained: checkpoint {result.checkpoint}, top-1 {result.metrics['accuracy']:.3f}")
-        return 0
+    from medlens.jobs.train import train
 
     config = load_config(args.config, args.overrides)
     if args.folds:
-        from medlens.training.cv import ENSEMBLE_DIR, cross_validate, format_cv
+        from medlens.jobs.cv import ENSEMBLE_DIR, cross_validate, format_cv
 
         print(format_cv(cross_validate(config, args.out, args.folds, resume=args.resume)))
         print(f"ensemble checkpoint: {args.out / ENSEMBLE_DIR}")
         return 0
     best = train(config, args.out, resume=args.resume)
-    print("best epoch " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in best.items()))
+    shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in best.items())
+    print(("validation " if config.model.strategy == "probe" else "best epoch ") + shown)
+    print(f"checkpoint: {args.out / 'best'}")
     return 0
 
 
@@ -177,45 +187,66 @@ def _add_evaluate(jobs: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=_evaluate)
 
 
-def _is_face_checkpoint(path: Path) -> bool:
-    from medlens.training.checkpoint import read_manifest
-
-    return read_manifest(path).get("kind") == "face-embedding"
-
-
 def _evaluate(args: argparse.Namespace) -> int:
-    if _is_face_checkpoint(args.checkpoint):
-        from medlens.evaluation.evaluate import format_metrics
-        from medlens.faces.pipeline import evaluate_faces
-
-        metrics = evaluate_faces(args.checkpoint, args.out, args.source, args.split, n_resamples=args.resamples)
-        print(format_metrics(metrics))
-        print(f"{metrics['n_no_face']} photos without a face left out; wrote {args.out}/metrics.json, predictions.csv")
-        return 0
-    from medlens.evaluation.evaluate import evaluate, format_metrics
+    from medlens.jobs.evaluate import evaluate, format_metrics
 
     result = evaluate(args.checkpoint, args.out, args.source, args.split, n_resamples=args.resamples)
     print(f"evaluated {result.metrics['evaluated_on']['description']}")
     print(format_metrics(result.metrics))
+    if result.metrics["n_left_out"]:
+        print(f"{result.metrics['n_left_out']} images left out: {result.metrics['left_out_because']}")
     print(f"wrote {args.out / 'predictions.csv'} and {args.out / 'metrics.json'}")
     print(f"report: {result.report}")
     return 0
 
 
 def _add_explain(jobs: argparse._SubParsersAction) -> None:
-    from medlens.explain.cli import add_parser
+    explain = jobs.add_parser("explain", help="heatmaps over images (CAMs; occlusion for probes), scores against boxes")
+    explain.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
+    explain.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files, folders or a data CSV")
+    explain.add_argument("--out", required=True, type=Path, help="folder for overlays, maps and index.html")
+    explain.add_argument(
+        "--method",
+        help="gradcam (networks' default), gradcam++, hirescam, layercam, eigencam, scorecam; occlusion (probes)",
+    )
+    explain.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        metavar="L",
+        help="explain this label on every image (repeatable; default: the positive findings, or the class)",
+    )
+    explain.add_argument(
+        "--boxes", type=Path, metavar="BBOX_CSV", help="NIH BBox_List_2017.csv: explain boxed findings and score them"
+    )
+    explain.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        metavar="PX",
+        help="pointing game: a hit within PX original pixels of a box counts (Zhang et al. use 15; default 0)",
+    )
+    explain.set_defaults(handler=_explain)
 
-    add_parser(jobs)
+
+def _explain(args: argparse.Namespace) -> int:
+    from medlens.jobs.explain import explain_images
+
+    result = explain_images(
+        args.checkpoint, args.images, args.out, args.method, args.labels, args.boxes, args.tolerance
+    )
+    print(f"{result['n_maps']} {result['method']} maps of {result['n_images']} images in {args.out}")
+    if result["scores"] is not None:
+        print(f"{'finding':<24}{'n':>4}{'pointing':>10}{'energy':>9}")
+        for finding, row in result["scores"].items():
+            print(f"{finding:<24}{row['n']:>4}{row['pointing']:>10.2f}{row['energy']:>9.2f}")
+        print(f"scores: {args.out / 'scores.json'}")
+    print(f"open {result['index']}")
+    return 0
 
 
 def _add_serve(jobs: argparse._SubParsersAction) -> None:
     from medlens.serve.cli import add_parser
-
-    add_parser(jobs)
-
-
-def _add_faces(jobs: argparse._SubParsersAction) -> None:
-    from medlens.faces.cli import add_parser
 
     add_parser(jobs)
 
@@ -243,45 +274,20 @@ def _add_predict(jobs: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from medlens.inference import Predictor
-    from medlens.predict import predict_to_csv
+    from medlens.inference import load_model
+    from medlens.jobs.predict import predict_to_csv
 
-    if _is_face_checkpoint(args.checkpoint):
-        from medlens.faces.pipeline import predict_faces_to_csv
-
-        written = predict_faces_to_csv(args.checkpoint, args.inputs, args.out)
-        print(f"wrote {written} rows to {args.out}")
-        if args.report:
-            _face_reports(args)
-        return 0
-    predictor = Predictor.from_checkpoint(args.checkpoint, backend=args.backend)
-    written = predict_to_csv(predictor, args.inputs, args.out, args.batch_size)
+    model = load_model(args.checkpoint, backend=args.backend)
+    written = predict_to_csv(model, args.inputs, args.out, args.batch_size)
     print(f"wrote {written} rows to {args.out}")
     if args.report:
-        from medlens.predict import write_classifier_reports
-        from medlens.serve.service import expects_chest_xrays
+        from medlens.jobs.predict import write_study_reports
 
-        index = write_classifier_reports(
-            predictor,
-            args.inputs,
-            args.report,
-            view=args.view,
-            patient_label=args.patient_label,
-            xray_guard=expects_chest_xrays(predictor.manifest),
-            pdf=not args.no_pdf,
+        index = write_study_reports(
+            model, args.inputs, args.report, view=args.view, patient_label=args.patient_label, pdf=not args.no_pdf
         )
         print(f"reports: {index}")
     return 0
-
-
-def _face_reports(args: argparse.Namespace) -> None:
-    from medlens.faces.pipeline import FacePredictor
-    from medlens.predict import write_face_reports
-
-    predictor = FacePredictor.from_checkpoint(args.checkpoint)
-    pdf = not args.no_pdf
-    index = write_face_reports(predictor, args.inputs, args.report, patient_label=args.patient_label, pdf=pdf)
-    print(f"reports: {index}")
 
 
 def _add_export(jobs: argparse._SubParsersAction) -> None:
@@ -299,7 +305,7 @@ def _add_export(jobs: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from medlens.export import PARITY_TOLERANCE, export_onnx
+    from medlens.jobs.export import PARITY_TOLERANCE, export_onnx
 
     r = export_onnx(args.checkpoint, args.images, batch_size=args.batch_size, opset=args.opset)
     print(
@@ -329,7 +335,7 @@ def _add_tune(jobs: argparse._SubParsersAction) -> None:
 
 def _tune(args: argparse.Namespace) -> int:
     from medlens.config import load_config
-    from medlens.tune import BEST_CONFIG_FILE, SearchSpace, tune
+    from medlens.jobs.tune import BEST_CONFIG_FILE, SearchSpace, tune
 
     config = load_config(args.config, args.overrides)
     space = SearchSpace(image_sizes=tuple(args.image_sizes))
@@ -350,9 +356,160 @@ def _add_demo(jobs: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from medlens.demo import run_demo
+    from medlens.jobs.demo import run_demo
 
     run_demo(args.out, args.config, args.overrides)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- faces
+# ``medlens faces ...`` is a thin alias: training is ``medlens train`` with a dlib_face probe config, predicting
+# and explaining go through the one model contract; align and embed prepare face data.
+
+
+def _add_faces(jobs: argparse._SubParsersAction) -> None:
+    faces = jobs.add_parser("faces", help="face photos: a dlib-embedding probe (train, predict, explain), align, embed")
+    sub = faces.add_subparsers(title="face jobs", metavar="FACE_JOB", required=True)
+
+    train = sub.add_parser("train", help="medlens train with a dlib_face probe: embed, split by patient, fit a head")
+    train.add_argument("source", help="folder of class folders (or a CSV with path, label, patient_id)")
+    train.add_argument("--out", required=True, type=Path, help="run folder: best/, splits.csv, config.yaml")
+    train.add_argument("--head", default="svm", help="svm (default), logistic or mlp")
+    train.add_argument("--cache", type=Path, help="embedding cache folder (default OUT/embedding-cache)")
+    train.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of photos (default 0.2)")
+    train.add_argument("--seed", type=int, default=0, help="split and head seed")
+    _detector_args(train)
+    train.set_defaults(handler=_faces_train)
+
+    predict = sub.add_parser("predict", help="probabilities of every class for each photo")
+    predict.add_argument("checkpoint", type=Path, help="face run folder or checkpoint folder")
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument("--top-k", type=int, default=5, help="classes to list per photo (default 5)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per photo, with landmarks")
+    predict.set_defaults(handler=_faces_predict)
+
+    explain = sub.add_parser("explain", help="occlusion map and landmarks on the aligned face, as PNG")
+    explain.add_argument("checkpoint", type=Path)
+    explain.add_argument("image", type=Path)
+    explain.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    explain.add_argument("--target", help="class to explain (default: the top class)")
+    explain.add_argument("--patch", type=int, default=30, help="occluding patch side in chip pixels (default 30)")
+    explain.add_argument("--stride", type=int, default=15, help="patch step in chip pixels (default 15)")
+    explain.set_defaults(handler=_faces_explain)
+
+    align = sub.add_parser("align", help="aligned face chips in a folder per class, for the CNN route")
+    align.add_argument("source", help="folder of class folders (or a CSV with path, label, patient_id)")
+    align.add_argument("--out", required=True, type=Path, help="folder for <class>/<photo>.png + metadata.csv")
+    _detector_args(align)
+    align.set_defaults(handler=_faces_align)
+
+    embed = sub.add_parser("embed", help="compute and cache the embedding of every photo of a source")
+    embed.add_argument("source", help="folder of class folders (or a CSV)")
+    embed.add_argument("--cache", required=True, type=Path, help="embedding cache folder")
+    _detector_args(embed)
+    embed.set_defaults(handler=_faces_embed)
+
+
+def _detector_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--detector", choices=["hog", "cnn"], default="hog", help="face detector (default hog)")
+    parser.add_argument("--upsample", type=int, default=1, help="upsampling steps (0-3, default 1)")
+
+
+def _face_settings(args: argparse.Namespace) -> Any:
+    from medlens.config import FacesConfig
+
+    return FacesConfig(detector=args.detector, upsample=args.upsample)
+
+
+def _faces_train(args: argparse.Namespace) -> int:
+    from medlens.config import load_config
+    from medlens.jobs.train import train
+
+    overrides = [
+        "model.name=dlib_face",
+        "model.strategy=probe",
+        f"model.probe={args.head}",
+        f"data.source={args.source}",
+        f"data.test_fraction={args.test_fraction}",
+        f"train.seed={args.seed}",
+        f"faces.detector={args.detector}",
+        f"faces.upsample={args.upsample}",
+        *([f"data.cache={args.cache}"] if args.cache else []),
+    ]
+    scores = train(load_config(None, overrides), args.out)
+    print(f"{args.head}: accuracy {scores['val_accuracy']:.3f}, macro AUC {scores['val_auc']:.3f} on validation")
+    print(f"checkpoint: {args.out / 'best'}; held-out photos: medlens evaluate {args.out} --out EVAL")
+    return 0
+
+
+def _faces_predict(args: argparse.Namespace) -> int:
+    from medlens.inference import load_model
+
+    model = load_model(args.checkpoint)
+    failed = 0
+    for image in args.images:
+        scores = model.logits([model.prepare(model.read(image))])
+        if scores.problems[0] is not None:
+            print(f"medlens: {image}: {scores.problems[0].summary}", file=sys.stderr)
+            failed += 1
+            continue
+        probs = model.probabilities(scores.values)[0]
+        ranked = sorted(zip(model.labels, probs.tolist(), strict=True), key=lambda item: -item[1])[: args.top_k]
+        details = scores.details[0]
+        if args.json:
+            found = {
+                "image": str(image),
+                "probabilities": dict(zip(model.labels, probs.tolist(), strict=True)),
+                "top_k": [{"label": label, "probability": p} for label, p in ranked],
+                **{k: v.tolist() if hasattr(v, "tolist") else v for k, v in details.items()},
+            }
+            print(json.dumps(found))
+        else:
+            n = details.get("n_faces", 1)
+            shown = ", ".join(f"{label} {p:.3f}" for label, p in ranked)
+            print(f"{image}: {shown} ({n} face{'s' if n > 1 else ''})")
+    return 1 if failed else 0
+
+
+def _faces_explain(args: argparse.Namespace) -> int:
+    from medlens.errors import ConfigError
+    from medlens.explain.overlay import heatmap_png
+    from medlens.inference import load_model
+    from medlens.io import write_atomic
+
+    model = load_model(args.checkpoint)
+    if args.target is not None and args.target not in model.labels:
+        raise ConfigError(f"unknown class {args.target!r}; this checkpoint's classes: {', '.join(model.labels)}")
+    pixels = model.read(args.image)
+    probs = model.predict_images([pixels])[0]
+    target = model.labels.index(args.target) if args.target else int(probs.argmax())
+    maps = model.heatmaps(pixels, [target], "occlusion", patch_size=args.patch, stride=args.stride)  # type: ignore[call-arg]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out, heatmap_png(maps[0].map, maps[0].backdrop, maps[0].marks))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _faces_align(args: argparse.Namespace) -> int:
+    from medlens.faces.align import align_faces
+
+    written, no_face = align_faces(args.source, args.out, _face_settings(args))
+    print(f"wrote {written} aligned chips to {args.out} ({len(no_face)} photos without a face)")
+    return 0
+
+
+def _faces_embed(args: argparse.Namespace) -> int:
+    from medlens.data.records import load_source
+    from medlens.faces.embed import embed_paths
+
+    table = load_source(args.source)
+    batch = embed_paths(table.paths, _face_settings(args), cache_dir=args.cache)
+    print(
+        f"{len(batch.paths)} photos, {int(batch.from_cache.sum())} already cached, {len(batch.no_face)} without a face"
+    )
+    if batch.ms_per_image:
+        print("ms per photo: " + ", ".join(f"{step} {ms:.1f}" for step, ms in batch.ms_per_image.items()))
+    print(f"cache: {args.cache}")
     return 0
 
 

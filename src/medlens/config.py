@@ -1,4 +1,9 @@
-"""Typed settings for data, model and training: YAML in, YAML saved beside each run.
+"""Typed settings for data, model, faces and training: YAML in, YAML saved beside each run.
+
+One ``Config`` describes every kind of run: a network fine-tuned end to end or in part (``model.strategy``
+``full``, ``last_n``, ``head``), and a probe (``strategy: probe``): frozen embeddings from ``model.name``,
+which may be a face embedder (``dlib_face``, aligned by the ``faces`` settings), under a classical head
+(``model.probe``).
 
 Every key can be overridden from the command line as ``--set section.key=value`` (the value is parsed as
 YAML, so ``--set train.lr=1e-3`` is a float and ``--set model.pretrained=false`` a bool). Unknown keys are
@@ -57,6 +62,53 @@ class ModelConfig:
     head_hidden: list[int] = field(default_factory=list)
     head_dropout: float = 0.0
     drop_rate: float = 0.0
+    probe: str = "svm"
+    """The classical head of ``strategy: probe``."""
+    probe_params: dict[str, Any] = field(default_factory=dict)
+    """Its constructor arguments, e.g. ``{C: 1.0, class_weight: balanced}``."""
+
+
+DETECTORS = ("hog", "cnn")
+
+
+@dataclass(frozen=True)
+class FacesConfig:
+    """How faces are found and aligned for a face embedder; saved in its checkpoints so predictions align as
+    training did.
+
+    ``detector`` is ``hog`` (fast, frontal faces) or ``cnn`` (MMOD: more poses, much slower on CPU).
+    ``upsample`` doubles the image that many times before detecting, finding faces down to ~40 px (1) or
+    ~20 px (2) at 4x the time per step. The chip is ``chip_size`` pixels square with ``chip_padding`` of
+    the face width around it: 150 and 0.25 are what dlib's descriptor was trained on.
+    """
+
+    detector: str = "hog"
+    upsample: int = 1
+    chip_size: int = 150
+    chip_padding: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"unknown face detector {self.detector!r}; valid detectors: {', '.join(DETECTORS)}")
+        if not isinstance(self.upsample, int) or not 0 <= self.upsample <= 3:
+            raise ConfigError(f"face detector upsample must be an integer in 0..3, got {self.upsample!r}")
+        if not isinstance(self.chip_size, int) or self.chip_size < 32:
+            raise ConfigError(f"face chip_size must be an integer >= 32 pixels, got {self.chip_size!r}")
+        if not 0.0 <= self.chip_padding <= 1.0:
+            raise ConfigError(f"face chip_padding must be in [0, 1], got {self.chip_padding!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FacesConfig:
+        """Settings from a manifest; unknown keys are errors naming the valid ones."""
+        return _build(cls, values, "faces.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def tag(self) -> str:
+        """A file-name-safe summary, e.g. ``hog-up1-chip150-pad0.25``."""
+        return f"{self.detector}-up{self.upsample}-chip{self.chip_size}-pad{self.chip_padding:g}"
 
 
 @dataclass
@@ -88,6 +140,7 @@ class TrainConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    faces: FacesConfig = field(default_factory=FacesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +151,7 @@ class Config:
 
 
 CHOICES = {
-    "model.strategy": ("head", "full", "last_n"),
+    "model.strategy": ("head", "full", "last_n", "probe"),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.scheduler": ("plateau", "cosine", "none"),
     "train.best_metric": ("val_loss", "val_auc", "val_accuracy"),
@@ -124,7 +177,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config is a mapping of sections (data, model, train)")
+            raise ConfigError(f"{path}: a config is a mapping of sections (data, model, faces, train)")
         raw = loaded or {}
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -167,7 +220,7 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _dataclass_of(kind: Any) -> type | None:
-    names = {c.__name__: c for c in (PhantomConfig, DataConfig, ModelConfig, TrainConfig)}
+    names = {c.__name__: c for c in (PhantomConfig, DataConfig, ModelConfig, FacesConfig, TrainConfig)}
     return names.get(kind if isinstance(kind, str) else getattr(kind, "__name__", ""))
 
 
@@ -195,6 +248,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         return str(value)
     if any(a.startswith("list[") for a in allowed) and isinstance(value, list):
         return list(value)
+    if any(a.startswith("dict[") for a in allowed) and isinstance(value, Mapping):
+        return dict(value)
     raise ConfigError(f"{key} must be {kind}, got {value!r}")
 
 

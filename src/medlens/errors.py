@@ -28,3 +28,11 @@ class ConfigError(MedlensError, ValueError):
 
 class CheckpointError(MedlensError):
     """A checkpoint is missing, incomplete, or unsafe to load."""
+
+
+class CacheError(MedlensError, ValueError):
+    """A preprocessing cache is unfinished, or was built for other images or settings than asked."""
+
+
+class UsageError(MedlensError, ValueError):
+    """A command-line or serving setting that cannot work (a port in use, a device that is not there)."""

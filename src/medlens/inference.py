@@ -1,15 +1,33 @@
-"""One Predictor: load a checkpoint, read and preprocess images, predict.
+"""One model contract: load any checkpoint, read and prepare images, score them, explain them, describe itself.
 
-evaluate, explain, predict and serve all go through it, so preprocessing can never drift between them.
-Its preprocessing is the cache's (read, crop, squash-resize, quantise to 8 bits, contrast, normalise), so a model sees
-the same pixels in training and in use.
+``load_model(path)`` reads a checkpoint's kind once, here, and returns an object that answers the same
+questions whatever the kind:
+
+- ``classifier`` and ``ensemble`` (:class:`NetworkModel`): a torch network, one or a fold ensemble, on the
+  checkpoint's own preprocessing (the cache's: read, crop, squash-resize, quantise to 8 bits, contrast,
+  normalise), so a model sees the same pixels in training and in use; its forward pass may run on ONNX
+  Runtime (:mod:`medlens.backends`);
+- ``probe`` (:class:`ProbeModel`): a frozen embedder (dlib's face descriptor for face photos) under a
+  classical head (SVM, logistic regression, MLP).
+
+Every model has ``labels``, ``task``, ``inputs`` (``chest-xray``, ``face-photo`` or ``image``: what it was
+made for, and so whether the X-ray guard applies), ``thresholds`` and ``temperature``; it reads images
+(:meth:`read`), prepares them (:meth:`prepare`, thread-safe, so decoding can overlap the model),
+scores them (:meth:`logits`, :meth:`probabilities`, :meth:`predict_paths`), names positives, draws heatmaps
+by method (:meth:`heatmaps`: CAMs for networks, occlusion for probes) and gives its model card.
+evaluate, explain, predict, study reports and serve all go through it and never ask which kind they hold.
+An image a model cannot answer for (a photo without a face) gets a NaN row and a named problem.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,43 +36,208 @@ from tqdm.auto import tqdm
 from medlens.backends import ONNX_FILE, OnnxRunner, choose_backend
 from medlens.data.readers import ImageSource, read_image
 from medlens.data.transforms import crop_box, prepare_image, resize_map
-from medlens.errors import CheckpointError
-from medlens.runtime import apply_cpu_defaults, to_channels_last
-from medlens.training.batches import to_input
-from medlens.training.checkpoint import load_weights, read_manifest, resolve_checkpoint
-from medlens.training.ensemble import model_from_manifest
-from medlens.training.losses import probabilities
+from medlens.errors import CheckpointError, ConfigError
+from medlens.explain.cam import CAM_METHODS, CamExplainer
+from medlens.explain.occlusion import occlusion_map
+from medlens.models.checkpoint import load_weights, read_manifest, resolve_checkpoint
+from medlens.models.ensemble import model_from_manifest
+from medlens.models.inputs import probabilities, to_channels_last, to_input
+
+log = logging.getLogger(__name__)
+
+INPUT_KINDS = ("chest-xray", "face-photo", "image")
+OCCLUSION = "occlusion"
 
 
-class Predictor:
-    """A loaded checkpoint that turns images into probabilities.
+@dataclass(frozen=True)
+class Problem:
+    """Why a model gave no answer for an image: a short code (``no_face``) and a sentence."""
 
-    ``model`` is always the torch model (heatmaps need it); with an ``onnx`` runner, plain forward passes
-    run on ONNX Runtime instead (see :mod:`medlens.backends`).
+    code: str
+    detail: str
+
+    @property
+    def summary(self) -> str:
+        """The problem in a few words (``no face found``), for a CSV cell or an index line."""
+        return self.detail.split(" (")[0].split(";")[0]
+
+
+@dataclass
+class Scores:
+    """A batch's logits (N x K; NaN rows where the model could not answer) and what it found per image."""
+
+    values: np.ndarray
+    problems: list[Problem | None]
+    details: list[dict[str, Any]] = field(default_factory=list)
+    """Per image, what the model found beside its scores (a face model: ``n_faces``, ``box``, ``landmarks``)."""
+
+    @property
+    def answered(self) -> np.ndarray:
+        return np.array([p is None for p in self.problems], dtype=bool)
+
+
+@dataclass
+class Heatmap:
+    """One heatmap: ``map`` (H x W, in [0, 1] for CAMs) over ``backdrop`` (float [0, 1], the frame it is
+    drawn in: the read image, or a face's aligned chip), with landmarks to mark where there are any."""
+
+    label: str
+    method: str
+    map: np.ndarray
+    backdrop: np.ndarray
+    marks: np.ndarray | None = None
+
+
+class Model(Protocol):
+    """What every loaded checkpoint answers (see the module docstring)."""
+
+    path: Path | None
+    manifest: dict[str, Any]
+    kind: str
+    task: str
+    labels: list[str]
+    thresholds: list[float]
+    temperature: float
+    inputs: str
+    channels: int
+    cam_methods: tuple[str, ...]
+    name: str
+    """What the model is, in a word or two (a network's registered name)."""
+    description: str
+    network: torch.nn.Module | None
+    """The torch network behind the scores (exportable to ONNX), or None (a probe's head is not one)."""
+    details: tuple[str, ...]
+    """The names of what :meth:`logits` reports per image beside the scores (a face model: ``n_faces``)."""
+
+    @property
+    def backend(self) -> str: ...
+
+    def read(self, source: ImageSource, name: str | None = None) -> np.ndarray: ...
+
+    def prepare(self, pixels: np.ndarray) -> Any: ...
+
+    def logits(self, prepared: Sequence[Any]) -> Scores: ...
+
+    def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> Scores: ...
+
+    def probabilities(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray: ...
+
+    def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+
+    def predict_paths(
+        self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False
+    ) -> np.ndarray: ...
+
+    def positives(self, probs: np.ndarray) -> list[str]: ...
+
+    def heatmaps(
+        self, pixels: np.ndarray, targets: Sequence[int], method: str, prepared: Any = None
+    ) -> list[Heatmap]: ...
+
+    def close(self) -> None: ...
+
+
+def load_model(path: str | Path, backend: str | None = None, spin: bool = True) -> Model:
+    """Load any checkpoint folder (or a run folder's best/) without unpickling anything.
+
+    ``backend`` and ``spin`` concern network models' forward passes (see :meth:`NetworkModel.from_checkpoint`).
     """
+    folder = resolve_checkpoint(path)
+    manifest = read_manifest(folder)
+    kind = manifest.get("kind", "classifier")
+    if kind in NetworkModel.kinds:
+        return NetworkModel.from_checkpoint(folder, backend=backend, spin=spin)
+    if kind in ProbeModel.kinds:
+        return ProbeModel.from_checkpoint(folder)
+    known = ", ".join((*NetworkModel.kinds, *ProbeModel.kinds))
+    raise CheckpointError(f"{folder}: unknown checkpoint kind {kind!r} (known: {known}); is medlens up to date?")
+
+
+class _Shared:
+    """What every kind computes the same way from its manifest and its logits."""
+
+    manifest: dict[str, Any]
+    task: str
+    labels: list[str]
+    thresholds: list[float]
+    temperature: float
+
+    def _describe(self, manifest: dict[str, Any]) -> None:
+        self.manifest = manifest
+        self.kind: str = manifest.get("kind", "classifier")
+        self.task = manifest["task"]
+        self.labels = list(manifest["labels"])
+        self.temperature = float(manifest.get("temperature", 1.0))
+        self.thresholds = list(manifest.get("thresholds") or [0.5] * len(self.labels))
+
+    def probabilities(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
+        """Probabilities of logits (N x K) at the checkpoint's temperature, or at ``temperature``."""
+        t = self.temperature if temperature is None else temperature
+        return probabilities(torch.as_tensor(logits, dtype=torch.float32), self.task, t).numpy()
+
+    def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Probabilities (N x K, NaN rows unanswered) for already-read images."""
+        return self.probabilities(self.logits([self.prepare(p) for p in images]).values)  # type: ignore[attr-defined]
+
+    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Probabilities (N x K, NaN rows unanswered) for image files."""
+        return self.probabilities(self.logits_paths(paths, batch_size, progress).values)  # type: ignore[attr-defined]
+
+    def positives(self, probs: np.ndarray) -> list[str]:
+        """Labels named positive by the checkpoint's thresholds (multi-class: the top class); none unanswered."""
+        if not np.isfinite(probs).all():
+            return []
+        if self.task == "multiclass":
+            return [self.labels[int(np.argmax(probs))]]
+        return [name for name, p, t in zip(self.labels, probs, self.thresholds, strict=True) if p >= t]
+
+    def _inputs_from_manifest(self, default: str) -> str:
+        recorded = self.manifest.get("inputs")
+        if recorded in INPUT_KINDS:
+            return recorded
+        augment = self.manifest.get("config", {}).get("train", {}).get("augment")
+        return "face-photo" if augment == "face" else default
+
+    def close(self) -> None:
+        """Release what the model holds beside its weights (CAM hooks); it can still predict."""
+
+
+class NetworkModel(_Shared):
+    """A torch network checkpoint (one classifier, or a fold ensemble, which is one module too).
+
+    ``network`` is always the torch model (heatmaps need it); with an ``onnx`` runner, plain forward passes
+    run on ONNX Runtime instead (see :mod:`medlens.backends`). CAM hooks sit on a copy of the network, made
+    when a heatmap is first asked for, so plain predictions never run through them.
+    """
+
+    kinds = ("classifier", "ensemble")
+    cam_methods = tuple(CAM_METHODS)
+    details: tuple[str, ...] = ()
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        network: torch.nn.Module,
         manifest: dict[str, Any],
         path: Path | None = None,
         onnx: OnnxRunner | None = None,
     ):
-        self.model = to_channels_last(model.eval())
+        self._describe(manifest)
+        self.network = to_channels_last(network.eval())
         self.onnx = onnx
-        self.manifest = manifest
         self.path = path
         prep = manifest["preprocessing"]
-        self.task: str = manifest["task"]
-        self.labels: list[str] = list(manifest["labels"])
         self.image_size: int = int(prep["image_size"])
         self.channels: int = int(prep["channels"])
         self.mean: list[float] = list(prep["mean"])
         self.std: list[float] = list(prep["std"])
         self.contrast: str = prep.get("contrast", "none")
         self.crop_border: float | str = prep.get("crop_border", 0.0)
-        self.temperature: float = float(manifest.get("temperature", 1.0))
-        self.thresholds: list[float] = list(manifest.get("thresholds") or [0.5] * len(self.labels))
+        self.inputs = self._inputs_from_manifest("chest-xray")
+        spec = manifest.get("model", {})
+        self.name: str = spec.get("name", "?")
+        self.description = f"{self.name} ({spec.get('head', 'linear')} head)"
+        self._explainer: CamExplainer | None = None
+        self._explain_lock = threading.Lock()
 
     @property
     def backend(self) -> str:
@@ -62,34 +245,93 @@ class Predictor:
         return "torch" if self.onnx is None else "onnxruntime"
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, backend: str | None = None, spin: bool = True) -> Predictor:
-        """Load a checkpoint folder (or a run folder's best/) without unpickling anything.
+    def from_checkpoint(cls, path: str | Path, backend: str | None = None, spin: bool = True) -> NetworkModel:
+        """Load a network checkpoint folder (or a run folder's best/) without unpickling anything.
 
         ``backend``: ``auto`` (default; $MEDLENS_BACKEND overrides), ``torch`` or ``onnxruntime``.
         ``spin=False`` for calls that come one at a time with other work between them (a server): ONNX
         Runtime's idle threads then sleep at once, instead of spinning on the cores that work needs (the next
         upload's decode took 4.1 ms instead of 2.9 beside them). Batch jobs gain from the spin.
         """
-        apply_cpu_defaults()
         folder = resolve_checkpoint(path)
         manifest = read_manifest(folder)
-        model = model_from_manifest(manifest)  # a fold ensemble is one module too
+        network = model_from_manifest(manifest)
         try:
-            model.load_state_dict(load_weights(folder))
+            network.load_state_dict(load_weights(folder))
         except RuntimeError as exc:
             raise CheckpointError(f"{folder}: weights do not fit the model its manifest names ({exc})") from None
         use_onnx = choose_backend(folder, manifest, backend) == "onnxruntime"
         onnx = OnnxRunner(folder / ONNX_FILE, spin=spin) if use_onnx else None
-        return cls(model, manifest, folder, onnx)
+        return cls(network, manifest, folder, onnx)
+
+    # -------------------------------------------------------------------------------- images in
 
     def read(self, source: ImageSource, name: str | None = None) -> np.ndarray:
         return read_image(source, channels=self.channels, name=name)  # type: ignore[arg-type]
 
-    def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """float [0, 1] image -> the uint8 model-size image the cache would hold."""
         return prepare_image(pixels, self.image_size, self.contrast, self.crop_border)
 
-    def heatmap_in_image(self, heatmap: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    def to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Read images (float [0, 1]) -> the normalised model input batch."""
+        return self.prepared_tensor([self.prepare(p) for p in images])
+
+    def prepared_tensor(self, prepared: Sequence[np.ndarray]) -> torch.Tensor:
+        """Already prepared uint8 images -> the normalised model input batch."""
+        x = to_input(np.stack(prepared), self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    # -------------------------------------------------------------------------------- scores out
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a normalised input batch."""
+        if self.onnx is not None:
+            return self.onnx(x)
+        return self.network(x).float()
+
+    def logits(self, prepared: Sequence[np.ndarray]) -> Scores:
+        values = self.forward(self.prepared_tensor(prepared)).numpy()
+        return Scores(values, [None] * len(values), [{} for _ in values])
+
+    def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> Scores:
+        """Raw logits (N x K) for image files, in batches; evaluation keeps them to report calibration at T=1."""
+        paths = list(paths)
+        out = np.zeros((len(paths), len(self.labels)), dtype=np.float32)
+        bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress)
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            out[start : start + len(chunk)] = self.logits([self.prepare(self.read(p)) for p in chunk]).values
+            bar.update(len(chunk))
+        bar.close()
+        return Scores(out, [None] * len(paths), [{} for _ in paths])
+
+    # -------------------------------------------------------------------------------- heatmaps
+
+    def heatmaps(
+        self, pixels: np.ndarray, targets: Sequence[int], method: str, prepared: Any = None
+    ) -> list[Heatmap]:
+        """The ``method`` CAM of each output in ``targets`` for one read image, in the image's frame."""
+        if method not in self.cam_methods:
+            raise ConfigError(f"unknown heatmap method {method!r} for this model; choose one of {self.cam_methods}")
+        x = self.prepared_tensor([self.prepare(pixels) if prepared is None else prepared])
+        with self._explain_lock:
+            explainer = self._explainer_for(method)
+            maps = [explainer(x, int(j)) for j in targets]
+        framed = [self.in_image(m, pixels) for m in maps]
+        return [Heatmap(self.labels[j], method, m, pixels) for j, m in zip(targets, framed, strict=True)]
+
+    def _explainer_for(self, method: str) -> CamExplainer:
+        """One explainer at a time, on a copy of the network: its hooks fire on every forward of the model
+        they sit on."""
+        if self._explainer is None or self._explainer.method != method:
+            if self._explainer is not None:
+                self._explainer.close()
+            self._explainer = CamExplainer(copy.deepcopy(self.network), method)
+        return self._explainer
+
+    def in_image(self, heatmap: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         """A model-input map (a CAM) in the frame of the read image ``pixels``.
 
         Without a border crop that is the map itself (overlays stretch it); with one, the map covers only
@@ -102,51 +344,144 @@ class Predictor:
         framed[top:bottom, left:right] = resize_map(heatmap, (bottom - top, right - left))
         return framed
 
-    def to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Read images (float [0, 1]) -> the normalised model input batch."""
-        return self.prepared_tensor([self.preprocess(p) for p in images])
+    def close(self) -> None:
+        with self._explain_lock:
+            if self._explainer is not None:
+                self._explainer.close()
+                self._explainer = None
 
-    def prepared_tensor(self, prepared: Sequence[np.ndarray]) -> torch.Tensor:
-        """Already preprocessed uint8 images -> the normalised model input batch."""
-        x = to_input(np.stack(prepared), self.mean, self.std)
-        return x.contiguous(memory_format=torch.channels_last)
 
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.onnx is not None:
-            return self.onnx(x)
-        return self.model(x).float()
+class ProbeModel(_Shared):
+    """A frozen embedder under a classical head: images in, the head's calibrated probabilities out.
 
-    def probabilities(self, x: torch.Tensor) -> np.ndarray:
-        return probabilities(self.logits(x), self.task, self.temperature).numpy()
+    Heatmaps are occlusion maps: the embedder's frame (a face's aligned chip) is greyed patch by patch and
+    scored again.
+    """
 
-    def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Probabilities (N x K) for already-read images."""
-        return self.probabilities(self.to_tensor(images))
+    kinds = ("probe",)
+    cam_methods = (OCCLUSION,)
 
-    def predict_prepared(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
-        """Probabilities (N x K) for images already through :meth:`preprocess`."""
-        return self.probabilities(self.prepared_tensor(prepared))
+    def __init__(self, embedder: Any, head: Any, manifest: dict[str, Any], path: Path | None = None):
+        self._describe(manifest)
+        self.embedder = embedder
+        self.head = head
+        self.path = path
+        self.channels = embedder.channels
+        self.inputs = self._inputs_from_manifest(embedder.inputs)
+        self.network = None
+        self.details = tuple(embedder.no_frame_details)
+        self.name = f"{manifest['model'].get('head', 'head')} on {embedder.name}"
+        self.description = f"{manifest['model'].get('head', 'head')} head on {embedder.name} embeddings"
+        head_labels = [str(label) for label in head.classes_]
+        if head_labels != self.labels:
+            raise CheckpointError(f"{path}: the head's classes {head_labels} differ from the manifest's labels")
 
-    def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """Raw logits (N x K) for image files, in batches; evaluation keeps them to report calibration at T=1."""
-        paths = list(paths)
-        out = torch.zeros((len(paths), len(self.labels)))
-        bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress)
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            out[start : start + len(chunk)] = self.logits(self.to_tensor([self.read(p) for p in chunk]))
-            bar.update(len(chunk))
-        bar.close()
+    backend = "scikit-learn"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> ProbeModel:
+        from medlens.models.embedders import embedder_from_spec
+        from medlens.models.heads import load_head
+
+        folder = resolve_checkpoint(path)
+        manifest = read_manifest(folder)
+        kind = manifest.get("kind", "classifier")
+        if kind not in cls.kinds:
+            raise CheckpointError(f"{folder} is a {kind!r} checkpoint, not a probe: load it with load_model")
+        return cls(embedder_from_spec(manifest["embedder"]), load_head(folder), manifest, folder)
+
+    def read(self, source: ImageSource, name: str | None = None) -> np.ndarray:
+        return read_image(source, channels=self.channels, name=name)  # type: ignore[arg-type]
+
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """A read image as the uint8 array the embedder looks at."""
+        return np.rint(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+    def logits(self, prepared: Sequence[np.ndarray]) -> Scores:
+        frames, problems, details = [], [], []
+        for image in prepared:
+            frame, problem = self._frame(image)
+            frames.append(frame)
+            problems.append(problem)
+            details.append(frame.details if frame is not None else dict(self.embedder.no_frame_details))
+        found = [f.image for f in frames if f is not None]
+        vectors = np.full((len(prepared), self.embedder.size), np.nan, dtype=np.float32)
+        if found:
+            vectors[[i for i, f in enumerate(frames) if f is not None]] = self.embedder.embed_frames(found)
+        return Scores(self._head_logits(vectors), problems, details)
+
+    def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> Scores:
+        """Logits of image files, embeddings read from (and added to) the run's embedding cache."""
+        vectors, details = self.embedder.embed_paths(list(paths), self._cache_dir(), progress=progress)
+        problems = [None if np.isfinite(v).all() else self._problem() for v in vectors]
+        return Scores(self._head_logits(vectors), problems, details)
+
+    def _head_logits(self, vectors: np.ndarray) -> np.ndarray:
+        out = np.full((len(vectors), len(self.labels)), np.nan, dtype=np.float32)
+        found = np.isfinite(vectors).all(axis=1)
+        if found.any():
+            out[found] = self.head.decision_function(vectors[found])
         return out
 
-    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        """Probabilities (N x K) for image files, in batches."""
-        logits = self.logits_paths(paths, batch_size, progress)
-        return probabilities(logits, self.task, self.temperature).numpy()
+    def _frame(self, image: np.ndarray) -> tuple[Any, Problem | None]:
+        try:
+            return self.embedder.frame(image, name="image"), None
+        except self.embedder.no_frame_error as exc:  # nothing to describe in it (a photo without a face)
+            return None, self._problem(str(exc).removeprefix("image: "))
 
-    def positives(self, probs: np.ndarray) -> list[str]:
-        """Labels named positive by the checkpoint's thresholds (multi-class: the top class)."""
-        if self.task == "multiclass":
-            return [self.labels[int(np.argmax(probs))]]
-        return [name for name, p, t in zip(self.labels, probs, self.thresholds, strict=True) if p >= t]
+    def _problem(self, detail: str | None = None) -> Problem:
+        return Problem(self.embedder.no_frame_code, detail or self.embedder.no_frame)
+
+    def _cache_dir(self) -> Path | None:
+        configured = (self.manifest.get("config", {}).get("data") or {}).get("cache")
+        if configured:
+            return Path(configured)
+        from medlens.runs import EMBEDDING_CACHE_DIR
+
+        return None if self.path is None else self.path.parent / EMBEDDING_CACHE_DIR
+
+    def heatmaps(
+        self, pixels: np.ndarray, targets: Sequence[int], method: str = OCCLUSION, prepared: Any = None,
+        patch_size: int = 30, stride: int = 15,
+    ) -> list[Heatmap]:  # fmt: skip
+        """The occlusion map of each output in ``targets`` over the embedder's frame of the image."""
+        if method not in self.cam_methods:
+            raise ConfigError(f"unknown heatmap method {method!r} for this model; choose one of {self.cam_methods}")
+        frame = self.embedder.frame(self.prepare(pixels) if prepared is None else prepared, name="image")
+
+        def score(images: list[np.ndarray]) -> np.ndarray:
+            return self.probabilities(self.head.decision_function(self.embedder.embed_frames(images)))
+
+        backdrop = frame.image.astype(np.float32) / 255.0
+        return [
+            Heatmap(
+                self.labels[j],
+                method,
+                occlusion_map(frame.image, score, int(j), patch_size=patch_size, stride=stride).heatmap,
+                backdrop,
+                frame.marks,
+            )
+            for j in targets
+        ]
+
+
+def model_card(model: Model) -> list[tuple[str, str]]:
+    """The model card in brief: what the model is, what it learned from, how well it did on validation."""
+    manifest = model.manifest
+    data = manifest.get("data", {})
+    metrics = ", ".join(
+        f"{key} {value:.3f}"
+        for key, value in (manifest.get("metrics") or {}).items()
+        if isinstance(value, int | float) and np.isfinite(value)
+    )
+    labels = model.labels
+    return [
+        ("model", model.description),
+        ("task", f"{model.task}, {len(labels)} labels" if labels else model.task),
+        ("trained on", str(data.get("source", NOT_RECORDED))),
+        ("validation metrics", metrics or NOT_RECORDED),
+        ("checkpoint created", str(manifest.get("created", NOT_RECORDED))),
+    ]
+
+
+NOT_RECORDED = "not recorded"

@@ -1,4 +1,4 @@
-"""Preprocessing options on synthetic images: contrast, border crop, and one path for cache and Predictor."""
+"""Preprocessing options on synthetic images: contrast, border crop, and one path for cache and the loaded model."""
 
 from __future__ import annotations
 

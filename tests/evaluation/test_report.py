@@ -22,9 +22,9 @@ from medlens.cli import main
 from medlens.errors import DataSourceError
 from medlens.evaluation import plots
 from medlens.evaluation.curves import pr_curves, roc_curves, tpr_at
-from medlens.evaluation.evaluate import evaluate, format_metrics
 from medlens.evaluation.metrics import evaluate_predictions, reliability_curve
-from medlens.evaluation.report import RESEARCH_NOTICE, ReportInputs, write_report
+from medlens.jobs.evaluate import evaluate, format_metrics
+from medlens.reports.evaluation import RESEARCH_NOTICE, ReportInputs, write_report
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = tiny_run("train.epochs=1")

@@ -13,7 +13,7 @@ from medlens.data.transforms import resize_map
 from medlens.errors import ConfigError
 from medlens.explain.cam import CAM_METHODS, CamExplainer, cam_method, explain
 from medlens.models import Classifier, create_model, list_models
-from medlens.runtime import to_channels_last
+from medlens.models.inputs import to_channels_last
 
 SIDE = 64  # a multiple of every stride and of the ViT patch; big backbones stay quick on CPU
 

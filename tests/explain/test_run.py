@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -14,22 +13,19 @@ import pytest
 from helpers import short_real_run, tiny_run
 from PIL import Image
 
+from medlens.cli import main
 from medlens.config import load_config
 from medlens.data.records import read_nih_boxes
 from medlens.errors import ConfigError, DataSourceError
-from medlens.explain.cli import add_parser
-from medlens.explain.run import explain_images, score_demo
-from medlens.training.fit import train
+from medlens.jobs.explain import explain_images, score_demo
+from medlens.jobs.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = tiny_run("data.image_size=64", "data.phantoms.size=96", "train.epochs=1")
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="medlens")
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    return main(argv)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import CHROMIUM_FLAGS, tiny_run
+from helpers import CHROMIUM_FLAGS, face_probe, tiny_run
 from PIL import Image
 
 from medlens.cli import main
@@ -20,22 +20,21 @@ from medlens.config import load_config
 from medlens.data.phantoms import load_phantom_masks
 from medlens.data.readers import read_image
 from medlens.explain.cam import CamExplainer
-from medlens.explain.study import (
+from medlens.inference import NetworkModel, load_model
+from medlens.jobs.predict import record_views, write_reports, write_study_reports
+from medlens.jobs.train import train
+from medlens.reports.study import (
     GENETICIST_NOTE,
     NOT_RECORDED,
     RESEARCH_USE,
     FindingFacts,
     Study,
     Zone,
-    classifier_study,
     finding_sentence,
     heatmap_zone,
+    study_of,
 )
-from medlens.explain.study_report import find_chromium, render_study
-from medlens.inference import Predictor
-from medlens.predict import record_views, write_classifier_reports, write_face_reports, write_reports
-from medlens.serve.service import expects_chest_xrays
-from medlens.training.fit import train
+from medlens.reports.study_page import find_chromium, render_study
 
 TINY = tiny_run("data.image_size=64", "data.phantoms.size=128", "train.epochs=1")
 SCREENSHOT = Path("/tmp/medlens-study-report.png")
@@ -55,8 +54,8 @@ def run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def predictor(run) -> Predictor:
-    return Predictor.from_checkpoint(run)
+def predictor(run) -> NetworkModel:
+    return load_model(run)
 
 
 def _sentences(page: str) -> dict[str, str]:
@@ -133,7 +132,7 @@ def test_a_multiclass_study_ranks_every_class_and_names_the_top_one():
         FindingFacts(label, p, positive=i == 0) for i, (label, p) in enumerate([("b", 0.6), ("a", 0.3), ("c", 0.1)])
     ]
     page = render_study(
-        Study("classifier", "multiclass", findings, _png(np.zeros((8, 8))), [("model", "m")], "gradcam")
+        Study("chest-xray", "multiclass", findings, _png(np.zeros((8, 8))), [("model", "m")], "gradcam")
     )
     assert "The most probable class is b, with probability 0.60." in page
     assert re.findall(r'<tr[^>]*data-label="(\w)"', page) == ["b", "a", "c"]
@@ -143,10 +142,9 @@ def test_a_multiclass_study_ranks_every_class_and_names_the_top_one():
 def test_a_multiclass_checkpoint_reports_its_top_class_with_a_heatmap_and_the_ranking(tmp_path):
     run = tmp_path / "run"
     train(load_config(None, [*TINY, "data.phantoms.task=multiclass", "data.phantoms.n=40"]), run, progress=False)
-    predictor = Predictor.from_checkpoint(run)
+    predictor = load_model(run)
     image = sorted((run / "phantoms").rglob("*.png"))[0]
-    with CamExplainer(predictor.model) as explainer:
-        study = classifier_study(predictor, explainer, image.read_bytes(), xray_guard=False)
+    study = study_of(predictor, image.read_bytes(), xray_guard=False)
     page = render_study(study)
     probs = predictor.predict_images([predictor.read(image)])[0]
     ranked = [predictor.labels[j] for j in np.argsort(-probs, kind="stable")]
@@ -184,7 +182,7 @@ def test_zone_text_names_where_phantom_lesions_are(run, predictor):
     """End to end on phantoms with known lesions: every finding's sentence names the lesion's zone and side."""
     root = run / "phantoms"
     table = pd.read_csv(root / "labels.csv")
-    everything = Predictor(predictor.model, {**predictor.manifest, "thresholds": [0.0] * len(predictor.labels)})
+    everything = NetworkModel(predictor.network, {**predictor.manifest, "thresholds": [0.0] * len(predictor.labels)})
     checked = set()
     for row in table.itertuples():
         for finding, mask in load_phantom_masks(root, row.path).items():
@@ -194,7 +192,8 @@ def test_zone_text_names_where_phantom_lesions_are(run, predictor):
             if expected in checked or finding == "cardiomegaly":
                 continue
             data = (root / row.path).read_bytes()
-            study = classifier_study(everything, _LesionExplainer(center, 64), data, xray_guard=False, view=row.view)
+            everything._explainer_for = lambda method, c=center: _LesionExplainer(c, 64)
+            study = study_of(everything, data, xray_guard=False, view=row.view)
             sentences = _sentences(render_study(study))
             assert set(sentences) == set(predictor.labels)
             for sentence in sentences.values():
@@ -213,7 +212,7 @@ def test_the_cli_writes_a_report_per_image_and_an_index(run, predictor, tmp_path
     assert f"reports: {out / 'index.html'}" in capsys.readouterr().out
     index = (out / "index.html").read_text()
     csv = pd.read_csv(tmp_path / "p.csv", dtype=str).fillna("")
-    with CamExplainer(predictor.model) as explainer:
+    with CamExplainer(predictor.network) as explainer:
         for image, listed in zip(images, csv.itertuples(), strict=True):
             page = (out / f"{image.stem}.html").read_text()
             assert f'href="{image.stem}.html"' in index and not (out / f"{image.stem}.pdf").exists()
@@ -232,10 +231,9 @@ def test_the_cli_writes_a_report_per_image_and_an_index(run, predictor, tmp_path
 
 def test_a_checkpoint_without_operating_points_says_not_recorded(run, predictor, tmp_path):
     manifest = {k: v for k, v in predictor.manifest.items() if k != "operating_points"}
-    bare = Predictor(predictor.model, {**manifest, "thresholds": [0.0] * len(predictor.labels)})
+    bare = NetworkModel(predictor.network, {**manifest, "thresholds": [0.0] * len(predictor.labels)})
     image = sorted((run / "phantoms" / "images").glob("*.png"))[0]
-    with CamExplainer(bare.model) as explainer:
-        page = render_study(classifier_study(bare, explainer, image.read_bytes(), xray_guard=False))
+    page = render_study(study_of(bare, image.read_bytes(), xray_guard=False))
     assert page.count(f"<td>{NOT_RECORDED}</td>") == len(predictor.labels)
     assert "View: not known, so sides are the image&#x27;s only." in page and "(the patient" not in page
 
@@ -246,7 +244,7 @@ def test_each_report_takes_its_view_from_the_record_else_the_option(run, tmp_pat
 
     def study_of(data: bytes, name: str, view: str | None) -> Study:
         seen[name] = view
-        return Study("classifier", "multilabel", [FindingFacts("a", 0.1, False, 0.5)], _png(np.zeros((4, 4))), [], "-")
+        return Study("chest-xray", "multilabel", [FindingFacts("a", 0.1, False, 0.5)], _png(np.zeros((4, 4))), [], "-")
 
     write_reports(study_of, [run / "phantoms" / "labels.csv"], tmp_path / "a", view="LL", pdf=False, progress=False)
     assert seen == {Path(p).name: v for p, v in zip(table["path"], table["view"], strict=True)}
@@ -276,19 +274,19 @@ def real_reports(run, predictor, shared_data, tmp_path_factory) -> tuple[Path, l
         + sorted((shared_data / "cxr4" / "covid19").iterdir())[:1]
     )
     out = tmp_path_factory.mktemp("real-reports")
-    write_classifier_reports(predictor, images, out, xray_guard=expects_chest_xrays(predictor.manifest), progress=False)
+    write_study_reports(predictor, images, out, progress=False)
     return out, images
 
 
 @pytest.mark.shared
 def test_real_reports_name_exactly_the_findings_above_threshold(real_reports, predictor):
     out, images = real_reports
-    with CamExplainer(predictor.model) as explainer:
+    with CamExplainer(predictor.network) as explainer:
         for image in images:
             page = (out / f"{image.stem}.html").read_text()
             pixels = read_image(image)
             x = predictor.to_tensor([pixels])
-            positives = predictor.positives(predictor.probabilities(x)[0])
+            positives = predictor.positives(predictor.probabilities(predictor.forward(x).numpy())[0])
             if "does not look like a chest X-ray" in page:  # the guard withholds findings
                 assert _sentences(page) == {} and 'id="findings"' not in page
                 continue
@@ -330,7 +328,6 @@ def test_face_reports_rank_five_syndromes_for_a_geneticist_from_the_cli_and_the_
     pytest.importorskip("dlib", reason="face checkpoints need dlib: pip install dlib-bin face-recognition-models")
     from fastapi.testclient import TestClient
 
-    from medlens.faces.pipeline import FacePredictor, train_face_head
     from medlens.serve.app import create_app
 
     people = sorted(p for p in (shared_data / "faces-lfw15").iterdir() if p.is_dir())[:6]
@@ -338,15 +335,16 @@ def test_face_reports_rank_five_syndromes_for_a_geneticist_from_the_cli_and_the_
         (tmp_path / "photos" / person.name).mkdir(parents=True)
         for photo in sorted(person.glob("*.jpg"))[:4]:
             (tmp_path / "photos" / person.name / photo.name).symlink_to(photo)
-    train_face_head(tmp_path / "photos", tmp_path / "run", head="logistic", progress=False)
+    train(load_config(None, face_probe(tmp_path / "photos", "model.probe=logistic")), tmp_path / "run", progress=False)
     photo = sorted(people[0].glob("*.jpg"))[-1]
     no_face = sorted((shared_data / "face-probes" / "noface").iterdir())[0]
     out = tmp_path / "reports"
-    predictor = FacePredictor.from_checkpoint(tmp_path / "run")
-    write_face_reports(predictor, [photo, no_face], out, pdf=False, progress=False)
+    predictor = load_model(tmp_path / "run")
+    write_study_reports(predictor, [photo, no_face], out, pdf=False, progress=False)
     page = (out / f"{photo.stem}.html").read_text()
     assert GENETICIST_NOTE in page and "The 5 most probable syndromes" in page and "occlusion heatmap" in page
-    ranked = sorted(predictor.predict_image(photo).probabilities.items(), key=lambda item: -item[1])
+    probs = predictor.predict_images([predictor.read(photo)])[0]
+    ranked = sorted(zip(predictor.labels, probs, strict=True), key=lambda item: -item[1])
     assert re.findall(r'<tr[^>]*data-label="([^"]+)"', page) == [label for label, _ in ranked[:5]]
     empty = (out / f"{no_face.stem}.html").read_text()
     assert "no face found" in empty and no_face.name not in empty and 'id="findings"' not in empty

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medlens.errors import ConfigError, MedlensError
-from medlens.faces.detect import DetectorSettings, NoFaceError, detect_face, find_faces, load_rgb
+from medlens.faces.detect import FacesConfig, NoFaceError, detect_face, find_faces, load_rgb
 
 
 def _manifest(folder: Path) -> list[tuple[Path, int]]:
@@ -36,7 +36,7 @@ def test_one_face_with_68_landmarks_inside_the_photo_and_a_150px_chip(lfw):
 
 def test_chip_size_and_the_same_photo_as_bytes_or_array(lfw):
     photo = lfw / "Serena_Williams" / sorted(p.name for p in (lfw / "Serena_Williams").glob("*.jpg"))[0]
-    settings = DetectorSettings(chip_size=96)
+    settings = FacesConfig(chip_size=96)
     from_path = detect_face(photo, settings)
     assert from_path.chip.shape == (96, 96, 3)
     from_bytes = detect_face(photo.read_bytes(), settings, name="upload.jpg")
@@ -69,13 +69,13 @@ def test_several_faces_are_counted_and_the_largest_is_used(shared_data):
 )
 def test_bad_detector_settings_name_the_valid_ones(settings, match):
     with pytest.raises(ConfigError, match=match):
-        DetectorSettings.from_dict(settings)
+        FacesConfig.from_dict(settings)
 
 
 def test_the_cnn_detector_finds_the_same_face(lfw):
     photo = lfw / "Tony_Blair" / "Tony_Blair_0004.jpg"
     hog = detect_face(photo)
-    cnn = detect_face(photo, DetectorSettings(detector="cnn", upsample=0))
+    cnn = detect_face(photo, FacesConfig(detector="cnn", upsample=0))
     assert cnn.n_faces == 1
     centre = lambda box: np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])  # noqa: E731
     assert np.linalg.norm(centre(hog.box) - centre(cnn.box)) < 20

@@ -7,7 +7,7 @@ import pytest
 
 from medlens.errors import ImageReadError
 from medlens.faces import embed as embed_module
-from medlens.faces.detect import DetectorSettings
+from medlens.faces.detect import FacesConfig
 from medlens.faces.embed import EmbeddingCache, embed_face, embed_paths, file_sha256, unit_rows
 
 
@@ -53,7 +53,7 @@ def test_cache_is_keyed_by_content_and_settings(lfw, tmp_path):
     alias.symlink_to(photo)
     embed_paths([photo], cache_dir=tmp_path / "cache", progress=False)
     assert embed_paths([alias], cache_dir=tmp_path / "cache", progress=False).from_cache.all()
-    other = embed_paths([photo], DetectorSettings(upsample=0), cache_dir=tmp_path / "cache", progress=False)
+    other = embed_paths([photo], FacesConfig(upsample=0), cache_dir=tmp_path / "cache", progress=False)
     assert not other.from_cache.any()
     cache = EmbeddingCache(tmp_path / "cache")
     assert len(cache) == 1 and cache.get(file_sha256(photo))[1] == 1

@@ -7,7 +7,7 @@ import pytest
 
 from medlens.evaluation.metrics import top_k_accuracy
 from medlens.faces.gallery import FaceGallery
-from medlens.faces.heads import UnknownClassError, create_head
+from medlens.models.heads import UnknownClassError, create_head
 
 GALLERY_PHOTOS = 5
 

@@ -12,7 +12,7 @@ from sklearn.base import clone
 
 from medlens.errors import CheckpointError, ConfigError
 from medlens.evaluation.metrics import multiclass_metrics
-from medlens.faces.heads import HEADS, create_head, list_heads, load_head, save_head, top_k
+from medlens.models.heads import HEADS, create_head, list_heads, load_head, save_head, top_k
 
 CLASSES = ["Apert", "Down", "Williams"]
 
@@ -92,7 +92,7 @@ def test_save_and_reload_without_pickle(name, tmp_path, monkeypatch):
 
 
 def test_loading_another_kind_of_checkpoint_is_refused(tmp_path):
-    from medlens.training.checkpoint import save_checkpoint
+    from medlens.models.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "cnn", torch.nn.Linear(2, 2), {"model": {"name": "resnet50"}, "labels": ["a", "b"]})
     with pytest.raises(CheckpointError, match="not a face embedding head"):

@@ -1,4 +1,4 @@
-"""Occlusion maps for any head over embeddings, landmarks drawn on the chip, PNG out."""
+"""Occlusion maps for any scorer of images (a head over embeddings here), landmarks drawn on the chip, PNG out."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 
+from medlens.explain.occlusion import draw_landmarks, explanation_image, occlusion_map, png_bytes
 from medlens.faces.detect import detect_face
-from medlens.faces.heads import create_head
-from medlens.faces.occlusion import draw_landmarks, explanation_image, occlusion_map, png_bytes
+from medlens.faces.embed import embed_chips
+from medlens.models.heads import create_head
 
 pytestmark = pytest.mark.shared
 
@@ -26,8 +27,12 @@ def svm(lfw_split):
     return create_head("svm").fit(lfw_split.embeddings[lfw_split.train], lfw_split.names[lfw_split.train])
 
 
+def _scorer(head):
+    return lambda chips: head.predict_proba(embed_chips(chips))
+
+
 def test_map_has_the_chip_shape_and_explains_the_top_class(face, svm):
-    found = occlusion_map(face.chip, svm, patch_size=50, stride=50)
+    found = occlusion_map(face.chip, _scorer(svm), patch_size=50, stride=50)
     assert found.heatmap.shape == (150, 150) and found.heatmap.dtype == np.float32
     assert np.isfinite(found.heatmap).all() and np.ptp(found.heatmap) > 0
     assert svm.classes_[found.target] == "Tony_Blair" and found.probability > 0.5
@@ -38,10 +43,10 @@ def test_map_has_the_chip_shape_and_explains_the_top_class(face, svm):
 def test_any_head_with_predict_proba_and_a_chosen_target(face, lfw_split):
     knn = KNeighborsClassifier(n_neighbors=5).fit(lfw_split.embeddings, lfw_split.names)
     target = list(knn.classes_).index("Serena_Williams")
-    found = occlusion_map(face.chip, knn, target, patch_size=75, stride=75)
+    found = occlusion_map(face.chip, _scorer(knn), target, patch_size=75, stride=75)
     assert found.target == target and found.heatmap.shape == (150, 150)
     with pytest.raises(ValueError, match="patch_size"):
-        occlusion_map(face.chip, knn, patch_size=200)
+        occlusion_map(face.chip, _scorer(knn), patch_size=200)
 
 
 def test_landmarks_drawn_and_written_as_png(face):

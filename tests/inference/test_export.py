@@ -16,12 +16,12 @@ from medlens.backends import ONNX_FILE, ORT_SPINNING
 from medlens.cli import main
 from medlens.config import load_config
 from medlens.errors import CheckpointError
-from medlens.export import PARITY_TOLERANCE, export_onnx
-from medlens.inference import Predictor
+from medlens.inference import NetworkModel, load_model
+from medlens.jobs.export import PARITY_TOLERANCE, export_onnx
+from medlens.jobs.train import train
+from medlens.models.checkpoint import read_manifest, update_manifest
 from medlens.serve.schemas import Limits
 from medlens.serve.service import load_served_model
-from medlens.training.checkpoint import read_manifest, update_manifest
-from medlens.training.fit import train
 
 TINY = tiny_run("data.phantoms.n=48", "train.epochs=1")
 
@@ -61,31 +61,31 @@ def test_parity_on_real_chest_xrays(checkpoint, shared_data):
     report = export_onnx(checkpoint, images, batch_size=4, repeats=1)
     assert report.parity_source == "real" and report.parity_images == 8
     assert report.parity_max_abs_diff <= PARITY_TOLERANCE
-    on_torch = Predictor.from_checkpoint(checkpoint, backend="torch")
+    on_torch = load_model(checkpoint, backend="torch")
     x = on_torch.to_tensor([on_torch.read(p) for p in images[:3]])
-    torch_logits = on_torch.logits(x)
-    onnx_logits = Predictor.from_checkpoint(checkpoint, backend="onnxruntime").logits(x)
+    torch_logits = on_torch.forward(x)
+    onnx_logits = load_model(checkpoint, backend="onnxruntime").forward(x)
     np.testing.assert_allclose(onnx_logits.numpy(), torch_logits.numpy(), atol=PARITY_TOLERANCE)
 
 
 def test_auto_takes_onnxruntime_only_when_it_was_faster(checkpoint):
     _say_faster(checkpoint, "onnxruntime")
-    assert Predictor.from_checkpoint(checkpoint).backend == "onnxruntime"
+    assert load_model(checkpoint).backend == "onnxruntime"
     _say_faster(checkpoint, "torch")
-    assert Predictor.from_checkpoint(checkpoint).backend == "torch"
+    assert load_model(checkpoint).backend == "torch"
 
 
 def test_a_backend_can_be_forced_by_argument_or_environment(checkpoint, monkeypatch):
     _say_faster(checkpoint, "torch")
-    assert Predictor.from_checkpoint(checkpoint, backend="onnxruntime").backend == "onnxruntime"
+    assert load_model(checkpoint, backend="onnxruntime").backend == "onnxruntime"
     monkeypatch.setenv("MEDLENS_BACKEND", "onnxruntime")
-    assert Predictor.from_checkpoint(checkpoint).backend == "onnxruntime"
+    assert load_model(checkpoint).backend == "onnxruntime"
     _say_faster(checkpoint, "onnxruntime")
     monkeypatch.setenv("MEDLENS_BACKEND", "torch")
-    assert Predictor.from_checkpoint(checkpoint).backend == "torch"
+    assert load_model(checkpoint).backend == "torch"
     monkeypatch.setenv("MEDLENS_BACKEND", "tensorrt")
     with pytest.raises(ValueError, match=r"'tensorrt'.*\('auto', 'torch', 'onnxruntime'\)"):
-        Predictor.from_checkpoint(checkpoint)
+        load_model(checkpoint)
 
 
 def test_predict_cli_gives_the_same_probabilities_on_both_backends(exported, tmp_path):
@@ -117,7 +117,7 @@ def test_the_served_model_predicts_on_onnxruntime_and_still_draws_heatmaps(expor
         monkeypatch.setenv("MEDLENS_BACKEND", backend)
         served = load_served_model(run, limits)
         try:
-            assert served.predictor.backend == backend
+            assert served.model.backend == backend
             answers[backend] = served.predict(upload, PredictOptions(cam=True))
         finally:
             served.close()
@@ -144,10 +144,10 @@ def test_a_stale_or_damaged_graph_is_never_used(checkpoint, tmp_path, damage, ca
     else:
         graph.unlink()
     with caplog.at_level(logging.WARNING, logger="medlens.backends"):
-        assert Predictor.from_checkpoint(checkpoint).backend == "torch"
+        assert load_model(checkpoint).backend == "torch"
     assert "re-export with: medlens export" in caplog.text
     with pytest.raises(CheckpointError, match="re-export with: medlens export"):
-        Predictor.from_checkpoint(checkpoint, backend="onnxruntime")
+        load_model(checkpoint, backend="onnxruntime")
 
 
 def test_forcing_onnxruntime_without_an_export_says_how_to_make_one(exported, tmp_path):
@@ -157,9 +157,9 @@ def test_forcing_onnxruntime_without_an_export_says_how_to_make_one(exported, tm
     manifest = read_manifest(bare)
     manifest.pop("onnx")
     (bare / "manifest.json").write_text(json.dumps(manifest))
-    assert Predictor.from_checkpoint(bare).backend == "torch"
+    assert load_model(bare).backend == "torch"
     with pytest.raises(CheckpointError, match="has no ONNX export; create one with: medlens export"):
-        Predictor.from_checkpoint(bare, backend="onnxruntime")
+        load_model(bare, backend="onnxruntime")
 
 
 def test_export_cli_reports_parity_and_speed(checkpoint, capsys):
@@ -176,16 +176,16 @@ def test_training_ends_with_an_export_and_a_failed_one_only_warns(tmp_path, monk
     assert (run / "best" / ONNX_FILE).is_file()
     assert record["parity_source"] == "real" and record["parity_images"] == min(32, validation)
     assert record["parity_max_abs_diff"] <= PARITY_TOLERANCE
-    assert Predictor.from_checkpoint(run).backend == record["faster"]  # auto: the one that measured faster
+    assert load_model(run).backend == record["faster"]  # auto: the one that measured faster
 
     # A real parity miss (no tolerance at all): the run still succeeds, as a torch checkpoint, and says why.
-    monkeypatch.setattr("medlens.export.PARITY_TOLERANCE", -1.0)
+    monkeypatch.setattr("medlens.jobs.export.PARITY_TOLERANCE", -1.0)
     missed = tmp_path / "missed"
     with caplog.at_level(logging.WARNING, logger="medlens"):
         train(load_config(None, TINY), missed, progress=False)
     assert "was not exported to ONNX (CheckpointError" in caplog.text
     assert not list((missed / "best").glob("*.onnx*")) and "onnx" not in read_manifest(missed)
-    assert Predictor.from_checkpoint(missed).backend == "torch"
+    assert load_model(missed).backend == "torch"
 
     skipped = tmp_path / "skipped"
     train(load_config(None, [*TINY, "train.export_onnx=false"]), skipped, progress=False)
@@ -193,7 +193,7 @@ def test_training_ends_with_an_export_and_a_failed_one_only_warns(tmp_path, monk
 
 
 def test_the_server_lets_onnx_runtime_threads_sleep_between_requests(checkpoint):
-    def spinning(predictor: Predictor) -> str:
+    def spinning(predictor: NetworkModel) -> str:
         options = predictor.onnx.session.get_session_options()
         try:
             return options.get_session_config_entry(ORT_SPINNING)
@@ -202,9 +202,9 @@ def test_the_server_lets_onnx_runtime_threads_sleep_between_requests(checkpoint)
             return "default"
 
     _say_faster(checkpoint, "onnxruntime")
-    assert spinning(Predictor.from_checkpoint(checkpoint)) == "default"
+    assert spinning(load_model(checkpoint)) == "default"
     served = load_served_model(checkpoint, Limits(max_upload_bytes=2**20, max_pixels=10**6, request_seconds=5))
     try:
-        assert served.predictor.backend == "onnxruntime" and spinning(served.predictor) == "0"
+        assert served.model.backend == "onnxruntime" and spinning(served.model) == "0"
     finally:
         served.close()

@@ -1,4 +1,4 @@
-"""The Predictor and batch prediction: same preprocessing as training, resumable CSV, bad files kept."""
+"""Loaded models and batch prediction: same preprocessing as training, resumable CSV, bad files kept."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from helpers import tiny_run
 from medlens.cli import main
 from medlens.config import load_config
 from medlens.data.cache import ImageCache
-from medlens.inference import Predictor
-from medlens.training.fit import train
+from medlens.inference import load_model
+from medlens.jobs.train import train
 
 TINY = tiny_run("data.phantoms.n=48", "train.epochs=1")
 
@@ -24,10 +24,10 @@ def run(tmp_path_factory):
 
 
 def test_predictor_sees_what_training_saw(run):
-    predictor = Predictor.from_checkpoint(run)
+    predictor = load_model(run)
     cache = ImageCache(run / "cache")
     path = cache.paths[0]
-    np.testing.assert_array_equal(predictor.preprocess(predictor.read(path)), cache[0])
+    np.testing.assert_array_equal(predictor.prepare(predictor.read(path)), cache[0])
     probs = predictor.predict_paths([path, path])
     assert probs.shape == (2, len(predictor.labels)) and np.all((probs >= 0) & (probs <= 1))
     assert np.allclose(probs[0], probs[1])
@@ -49,19 +49,19 @@ def test_predict_cli_is_resumable_and_keeps_bad_files(run, tmp_path, capsys):
     broken = table[table["path"].str.endswith("broken.png")].iloc[0]
     assert "not a PNG" in broken["error"] and pd.isna(broken.filter(like="prob_")).all()
     good = table[table["error"].isna()]
-    expected = Predictor.from_checkpoint(run).predict_paths(good["path"])
+    expected = load_model(run).predict_paths(good["path"])
     np.testing.assert_allclose(good.filter(like="prob_").to_numpy(), expected, atol=1e-5)
     assert "wrote 6 rows" in capsys.readouterr().out
 
 
 def test_heatmaps_land_on_the_region_a_border_crop_kept(run):
-    predictor = Predictor.from_checkpoint(run)
+    predictor = load_model(run)
     heatmap = np.zeros((8, 8), dtype=np.float32)
     heatmap[0, 7] = 1.0  # the model frame's top-right corner
     pixels = np.full((100, 200), 0.5, dtype=np.float32)
-    assert predictor.heatmap_in_image(heatmap, pixels) is heatmap  # no crop: the map as it is
+    assert predictor.in_image(heatmap, pixels) is heatmap  # no crop: the map as it is
     predictor.crop_border = 0.1  # 10 rows and 20 columns off each side
-    framed = predictor.heatmap_in_image(heatmap, pixels)
+    framed = predictor.in_image(heatmap, pixels)
     assert framed.shape == (100, 200)
     assert framed[:10].max() == 0 and framed[90:].max() == 0 and framed[:, :20].max() == 0
     assert framed[:, 180:].max() == 0

@@ -21,8 +21,10 @@ from medlens.cli import main
 from medlens.config import Config, load_config
 from medlens.data.phantoms import generate_phantoms
 from medlens.errors import MedlensError
-from medlens.training import checkpoint, fit
-from medlens.training.checkpoint import load_training_state, load_weights, read_manifest, resolve_checkpoint
+from medlens.jobs.train import train
+from medlens.models import checkpoint
+from medlens.models.checkpoint import load_training_state, load_weights, read_manifest, resolve_checkpoint
+from medlens.training import fit
 
 EPOCHS = 2
 FULL_FROM_EPOCH = 1
@@ -40,7 +42,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory: pytest.TempPathFactory, config: Config) -> Path:
     run = tmp_path_factory.mktemp("unbroken") / "run"
-    fit.train(config, run, progress=False)
+    train(config, run, progress=False)
     return run
 
 
@@ -74,18 +76,18 @@ def test_a_full_disk_stops_training_clearly_and_resume_loses_nothing(tmp_path, m
     def write(*args, **kwargs):
         return (full if disk["full"] else working)(*args, **kwargs)
 
-    save_epoch = fit._save_epoch
+    save_epoch = fit.save_epoch
 
     def save_epoch_filling_the_disk(*args, **kwargs):
-        disk["full"] = inspect.signature(save_epoch).bind(*args, **kwargs).arguments["epoch"] >= FULL_FROM_EPOCH
+        disk["full"] = inspect.signature(save_epoch).bind(*args, **kwargs).arguments["state"].epoch >= FULL_FROM_EPOCH
         save_epoch(*args, **kwargs)
 
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
         patch.setattr(module, name, write)
-        patch.setattr(fit, "_save_epoch", save_epoch_filling_the_disk)
+        patch.setattr(fit, "save_epoch", save_epoch_filling_the_disk)
         with pytest.raises(MedlensError, match="No space left on device") as caught:
-            fit.train(config, run, progress=False)
+            train(config, run, progress=False)
     assert str(run) in str(caught.value)
 
     # The epoch's checkpoints come before its history line: a full disk there leaves them complete.
@@ -95,7 +97,7 @@ def test_a_full_disk_stops_training_clearly_and_resume_loses_nothing(tmp_path, m
     assert load_weights(resolve_checkpoint(run / "best"))
     assert not [p.name for p in run.iterdir() if ".tmp-" in p.name], "a failed write left its temporary folder"
 
-    fit.train(config, run, resume=True, progress=False)  # space freed
+    train(config, run, resume=True, progress=False)  # space freed
     a, b = load_weights(unbroken / "last"), load_weights(run / "last")
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights differ from an unbroken run's"
 
@@ -106,7 +108,7 @@ def test_a_run_folder_that_cannot_be_created_is_named(tmp_path, capsys):
     blocker.write_text("not a folder\n")
     run = blocker / "run"
     with pytest.raises(MedlensError, match=rf"cannot create the run folder {re.escape(str(run))} \(Not a directory\)"):
-        fit.train(config, run, progress=False)
+        train(config, run, progress=False)
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
     assert main(["train", str(empty), "--out", str(run)]) == 1
@@ -120,7 +122,7 @@ def test_a_read_only_run_folder_is_named(tmp_path):
     run.mkdir(mode=0o500)
     try:
         with pytest.raises(MedlensError, match=rf"the run folder {re.escape(str(run))} is not writable"):
-            fit.train(config, run, progress=False)
+            train(config, run, progress=False)
     finally:
         run.chmod(0o700)
 

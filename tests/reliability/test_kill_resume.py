@@ -23,7 +23,7 @@ import pytest
 import torch
 from helpers import tiny_run
 
-from medlens.training.checkpoint import load_training_state, load_weights, read_manifest, resolve_checkpoint
+from medlens.models.checkpoint import load_training_state, load_weights, read_manifest, resolve_checkpoint
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,7 +39,8 @@ WAIT_SECONDS = 180
 DRIVER = """
 import os, signal, sys
 from pathlib import Path
-from medlens.training import checkpoint, fit
+from medlens.models import checkpoint
+from medlens.training import fit
 from medlens.cli import main
 
 def stop():

@@ -17,10 +17,10 @@ from helpers import tiny_run
 
 from medlens.config import load_config
 from medlens.errors import CheckpointError
-from medlens.inference import Predictor
+from medlens.inference import load_model
+from medlens.jobs.train import train
+from medlens.models.checkpoint import STATE_TENSORS, WEIGHTS
 from medlens.serve.app import create_app
-from medlens.training.checkpoint import STATE_TENSORS, WEIGHTS
-from medlens.training.fit import train
 
 CONFIG = tiny_run("train.epochs=1")
 
@@ -77,7 +77,7 @@ def test_a_checkpoint_with_code_in_it_is_refused_by_every_loader(run, tmp_path, 
     (run / "last" / STATE_TENSORS).write_bytes(payload)
 
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
-        Predictor.from_checkpoint(run)
+        load_model(run)
     with pytest.raises(CheckpointError, match="not a valid safetensors file"), TestClient(create_app(run)):
         pass  # the server refuses to start on it
     with pytest.raises(CheckpointError, match="no usable training state"):

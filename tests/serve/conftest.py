@@ -14,9 +14,9 @@ from helpers import CHROMIUM_FLAGS, tiny_run
 from PIL import Image
 
 from medlens.config import load_config
+from medlens.jobs.train import train
 from medlens.serve.app import create_app
 from medlens.serve.background import serve_in_thread
-from medlens.training.fit import train
 
 TOKEN = "s3cret-token"
 CHROMIUM = Path("/usr/bin/chromium")

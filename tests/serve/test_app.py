@@ -19,11 +19,12 @@ from PIL import Image
 
 from medlens.data.readers import read_image
 from medlens.errors import ConfigError
-from medlens.inference import Predictor
+from medlens.inference import NetworkModel, load_model
 from medlens.serve import app as serve_app
 from medlens.serve.app import create_app
 from medlens.serve.cli import add_parser
-from medlens.serve.service import expects_chest_xrays
+from medlens.serve.schemas import Limits
+from medlens.serve.service import ServedModel
 
 CANARIES = ("CANARY^SECRET", "CANARY", "SECRET", "CANARY-ID-4711", "19010203")
 
@@ -48,7 +49,7 @@ def xray_pixels(xray_png: bytes) -> np.ndarray:
 def test_health_and_model_card(client: TestClient, run_dir):
     assert client.get("/health").json() == {"status": "ok", "model_loaded": True}
     info = client.get("/model").json()
-    predictor = Predictor.from_checkpoint(run_dir)
+    predictor = load_model(run_dir)
     assert info["kind"] == "classifier" and info["task"] == "multilabel"
     assert info["labels"] == predictor.labels
     assert info["thresholds"] == pytest.approx(predictor.thresholds)
@@ -88,7 +89,7 @@ def test_predict_each_format(client: TestClient, xray_png, xray_pixels, encode, 
 
 
 def test_served_probabilities_are_the_predictors(client: TestClient, run_dir, xray_png):
-    expected = Predictor.from_checkpoint(run_dir).predict_images([read_image(xray_png)])[0]
+    expected = load_model(run_dir).predict_images([read_image(xray_png)])[0]
     body = _post(client, xray_png, "?cam=false").json()
     served = {f["label"]: f["probability"] for f in body["findings"]}
     labels = client.get("/model").json()["labels"]
@@ -188,10 +189,19 @@ def test_not_an_xray_is_flagged_without_heatmaps(client: TestClient, encode):
     assert colour["ood"]["flag"] is True and colour["ood"]["checks"]["colour"] == 1.0
 
 
-def test_face_models_skip_the_xray_guard():
-    assert expects_chest_xrays({"config": {"train": {"augment": "xray"}}})
-    assert not expects_chest_xrays({"config": {"train": {"augment": "face"}}})
-    assert not expects_chest_xrays({"kind": "face-embedding"})
+def test_face_models_skip_the_xray_guard(run_dir):
+    model = load_model(run_dir)
+    assert model.inputs == "chest-xray" and model.manifest["inputs"] == "chest-xray"
+    older = {k: v for k, v in model.manifest.items() if k != "inputs"}  # before manifests recorded it
+    faces = NetworkModel(model.network, {**older, "config": {"train": {"augment": "face"}}})
+    assert faces.inputs == "face-photo"
+    limits = Limits(max_upload_bytes=10**6, max_pixels=10**6, request_seconds=10)
+    served = [ServedModel(m, limits) for m in (model, faces)]
+    try:
+        assert [s.guard for s in served] == [True, False]
+    finally:
+        for s in served:
+            s.close()
 
 
 def test_no_patient_data_in_logs_or_answers(client: TestClient, live_server, xray_pixels, make_dicom, caplog):

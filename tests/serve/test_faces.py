@@ -1,4 +1,4 @@
-"""A face-embedding checkpoint behind the same app: top-k classes, occlusion heatmaps, no X-ray guard."""
+"""A face probe (dlib embeddings + a head) behind the same app: top-k classes, occlusion heatmaps, no X-ray guard."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import face_probe
 from PIL import Image
 
+from medlens.config import load_config
+from medlens.jobs.train import train
 from medlens.serve.app import create_app
 from medlens.serve.background import serve_in_thread
 
@@ -20,14 +23,12 @@ PEOPLE = ("Tony_Blair", "Serena_Williams", "Colin_Powell")
 def face_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A logistic head on the first 6 photos of each of PEOPLE."""
     pytest.importorskip("dlib", reason="face checkpoints need dlib: pip install dlib-bin face-recognition-models")
-    from medlens.faces.pipeline import train_face_head
-
     root = tmp_path_factory.mktemp("faces")
     for person in PEOPLE:  # symlinks: nothing from ../shared is copied
         (root / "photos" / person).mkdir(parents=True)
         for photo in sorted((shared_data / "faces-lfw15" / person).glob("*.jpg"))[:6]:
             (root / "photos" / person / photo.name).symlink_to(photo)
-    train_face_head(root / "photos", root / "run", head="logistic", progress=False)
+    train(load_config(None, face_probe(root / "photos", "model.probe=logistic")), root / "run", progress=False)
     return root / "run"
 
 
@@ -41,11 +42,11 @@ def face_client(face_run: Path):
 @pytest.mark.slow
 def test_face_checkpoint_answers_top_k_without_the_xray_guard(face_client: TestClient, shared_data: Path):
     info = face_client.get("/model").json()
-    assert info["kind"] == "face-embedding" and sorted(info["labels"]) == sorted(PEOPLE)
+    assert info["kind"] == "probe" and info["inputs"] == "face-photo" and sorted(info["labels"]) == sorted(PEOPLE)
     assert info["ood_guard"] is False and info["input"] is None and info["cam_methods"] == ["occlusion"]
     photo = sorted((shared_data / "faces-lfw15" / "Serena_Williams").glob("*.jpg"))[-1].read_bytes()
     body = face_client.post("/predict", files={"file": ("face.jpg", photo)}).json()
-    assert body["kind"] == "face-embedding" and body["ood"] is None
+    assert body["kind"] == "probe" and body["inputs"] == "face-photo" and body["ood"] is None
     assert [f["label"] for f in body["top_k"]] == [f["label"] for f in body["findings"]][:3]
     assert body["positives"] == [body["findings"][0]["label"]] and body["findings"][0]["threshold"] is None
     (heatmap,) = body["heatmaps"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medlens.explain.study import RESEARCH_USE
+from medlens.reports.study import RESEARCH_USE
 
 SCREENSHOT = Path("/tmp/medlens-report-download.png")
 PAGE_SCREENSHOT = Path("/tmp/medlens-page-report-button.png")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from medlens.errors import CheckpointError
-from medlens.training import checkpoint as ckpt
+from medlens.models import checkpoint as ckpt
 
 
 def _model(seed=0):

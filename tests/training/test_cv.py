@@ -11,19 +11,19 @@ import pytest
 import torch
 from helpers import METRICS_JSON_KEYS, short_real_run, tiny_run
 
-import medlens.training.cv as cv
+import medlens.jobs.cv as cv
 from medlens.cli import main
 from medlens.config import load_config
 from medlens.data.records import load_source
 from medlens.errors import MedlensError
 from medlens.explain.cam import CamExplainer
-from medlens.inference import Predictor
+from medlens.inference import load_model
+from medlens.jobs.cv import cross_validate
 from medlens.models import create_model
+from medlens.models.checkpoint import read_manifest
+from medlens.models.ensemble import Ensemble
 from medlens.serve.schemas import Limits
 from medlens.serve.service import PredictOptions, load_served_model
-from medlens.training.checkpoint import read_manifest
-from medlens.training.cv import cross_validate
-from medlens.training.ensemble import Ensemble
 
 K = 3
 TINY = tiny_run("train.epochs=1")
@@ -87,8 +87,8 @@ def test_ensemble_manifest_describes_itself(cv_run):
 
 def test_ensemble_probabilities_are_the_mean_of_its_members(cv_run):
     # The module's arithmetic, so torch on both sides (the ensemble's ONNX export may have measured faster).
-    ensemble = Predictor.from_checkpoint(cv_run / cv.ENSEMBLE_DIR, backend="torch")
-    members = [Predictor.from_checkpoint(cv_run / f"fold{i}") for i in range(K)]
+    ensemble = load_model(cv_run / cv.ENSEMBLE_DIR, backend="torch")
+    members = [load_model(cv_run / f"fold{i}") for i in range(K)]
     paths = _images(cv_run)
     expected = np.mean([m.predict_paths(paths) for m in members], axis=0)
     assert np.allclose(ensemble.predict_paths(paths), expected, atol=1e-6)

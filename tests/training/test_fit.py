@@ -16,8 +16,8 @@ from helpers import short_real_run, tiny_run
 from medlens.cli import main
 from medlens.config import load_config
 from medlens.errors import MedlensError
-from medlens.training.checkpoint import load_weights, read_manifest
-from medlens.training.fit import train
+from medlens.jobs.train import train
+from medlens.models.checkpoint import load_weights, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = tiny_run()
@@ -134,7 +134,7 @@ def test_early_stopping_and_cosine_warm_up(tmp_path, monkeypatch):
     # A validation loss that never improves: with patience 1 the run stops after its second epoch.
     stuck = {"val_loss": 1.0, "val_auc": 0.5, "val_accuracy": float("nan")}
     with monkeypatch.context() as patch:
-        patch.setattr(fit, "_validate", lambda *args: dict(stuck))
+        patch.setattr(fit, "validate", lambda *args: dict(stuck))
         train(_config("train.epochs=6", "train.early_stopping=1"), tmp_path / "stop", progress=False)
     assert len(pd.read_csv(tmp_path / "stop" / "history.csv")) == 2
     cosine = ["train.epochs=4", "train.scheduler=cosine", "train.warmup_epochs=1", "train.best_metric=val_auc"]

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medlens.training.batches import augment, epoch_order, shard, to_input
-from medlens.training.losses import MaskedWeightedBCE, make_loss, probabilities
+from medlens.models.inputs import probabilities, to_input
+from medlens.training.batches import augment, epoch_order, shard
+from medlens.training.losses import MaskedWeightedBCE, make_loss
 
 
 def test_bce_masks_unknown_labels():

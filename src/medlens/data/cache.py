@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from medlens.data.readers import read_image
 from medlens.data.transforms import prepare_image
-from medlens.errors import ImageReadError
+from medlens.errors import CacheError, ConfigError, DataSourceError, ImageReadError
 from medlens.io import write_atomic
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class ImageCache:
         self.root = Path(out)
         meta, index, done = _read_state(self.root)
         if meta is None or index is None or done is None or not done.all() or (index["status"] == PENDING).any():
-            raise ValueError(
+            raise CacheError(
                 f"{self.root} is not a finished image cache (missing or incomplete cache.json, index.csv or "
                 f"done.npy); build it with: {BUILD_COMMAND}"
             )
@@ -123,14 +123,14 @@ def build_cache(
     under ``if __name__ == "__main__":`` there.
     """
     if size < 1:
-        raise ValueError(f"size must be a positive number of pixels, not {size!r}")
+        raise ConfigError(f"the cache's image size must be a positive number of pixels, not {size!r}")
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, not {channels!r}")
+        raise ConfigError(f"channels must be 1 or 3, not {channels!r}")
     if workers is not None and workers < 1:
-        raise ValueError(f"workers must be at least 1, not {workers!r}")
+        raise ConfigError(f"workers must be at least 1, not {workers!r}")
     paths = [str(p) for p in paths]
     if not paths:
-        raise ValueError("no images to cache: paths is empty")
+        raise DataSourceError("no images to cache: the data source holds none")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta, index, done = _read_state(out)
@@ -239,19 +239,19 @@ def _check_same(out: Path, meta: dict, index: pd.DataFrame | None, paths: list[s
     """Refuse to mix two different caches in one folder."""
     advice = f"choose another --out, or delete {out} to rebuild it"
     if meta.get("version") != CACHE_VERSION:
-        raise ValueError(f"{out} holds a cache of version {meta.get('version')!r}, not {CACHE_VERSION}: {advice}")
+        raise CacheError(f"{out} holds a cache of version {meta.get('version')!r}, not {CACHE_VERSION}: {advice}")
     have = {**_options("none", 0.0), **meta}
     for key, value in wanted.items():
         if have[key] != value:
-            raise ValueError(f"{out} holds a cache with {key}={have[key]}, not the requested {key}={value}: {advice}")
+            raise CacheError(f"{out} holds a cache with {key}={have[key]}, not the requested {key}={value}: {advice}")
     if index is None:
-        raise ValueError(f"{out} has cache.json but no index.csv: {advice}")
+        raise CacheError(f"{out} has cache.json but no index.csv: {advice}")
     cached = index["path"].tolist()
     if len(cached) != len(paths):
-        raise ValueError(f"{out} holds a cache of {len(cached)} images, not the requested {len(paths)}: {advice}")
+        raise CacheError(f"{out} holds a cache of {len(cached)} images, not the requested {len(paths)}: {advice}")
     for row, (have, want) in enumerate(zip(cached, paths, strict=True)):
         if have != want:
-            raise ValueError(f"{out} holds a cache whose image {row} is {have!r}, not the requested {want!r}: {advice}")
+            raise CacheError(f"{out} holds a cache whose image {row} is {have!r}, not the requested {want!r}: {advice}")
 
 
 def _recover(out: Path, meta: dict, index: pd.DataFrame, done: np.ndarray | None) -> np.ndarray:

@@ -25,7 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from medlens.data.records import NO_FINDING
-from medlens.errors import DataSourceError
+from medlens.errors import ConfigError, DataSourceError
 from medlens.io import write_atomic
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ FINDING_RATE = 0.22
 """Multi-label: the chance of each finding, independently; about 29% of images then have none."""
 
 BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+BOX_FILE = "BBox_List_2017.csv"
 _IMAGES_PER_PATIENT = ((1, 0.78), (2, 0.16), (3, 0.06))  # 1.28 images per patient on average
 _AP_RATE = 0.3
 _PNG_LEVEL = 3
@@ -96,11 +97,11 @@ def generate_phantoms(
     Both: ``masks/<stem>__<finding>.png`` and ``BBox_List_2017.csv``, written last (it marks completion).
     """
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+        raise ConfigError(f"phantom task must be one of {TASKS}, not {task!r}")
     if n < 1:
-        raise ValueError(f"n must be at least 1 image, not {n!r}")
+        raise ConfigError(f"the number of phantoms must be at least 1 image, not {n!r}")
     if size < 64:
-        raise ValueError(f"size must be at least 64 pixels, not {size!r}")
+        raise ConfigError(f"the phantom size must be at least 64 pixels, not {size!r}")
     out = Path(out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rows, boxes = [], []
@@ -119,9 +120,16 @@ def generate_phantoms(
     csv_name = "labels.csv" if task == "multilabel" else "metadata.csv"
     write_atomic(out / csv_name, table.to_csv(index=False, lineterminator="\n"))
     box_lines = [BOX_HEADER] + [f"{name},{finding},{x!r},{y!r},{w!r},{h!r}" for name, finding, x, y, w, h in boxes]
-    write_atomic(out / "BBox_List_2017.csv", "\n".join(box_lines) + "\n")
+    write_atomic(out / BOX_FILE, "\n".join(box_lines) + "\n")
     log.info("wrote %d %s phantoms (%d boxes) to %s", n, task, len(boxes), out)
     return out
+
+
+def ensure_phantoms(out: Path, n: int, task: Task, size: int, seed: int) -> Path:
+    """``out``, generated with these settings unless a complete set is there (its box list is written last)."""
+    if not (Path(out) / BOX_FILE).exists():
+        generate_phantoms(out, n=n, task=task, size=size, seed=seed, progress=False)
+    return Path(out)
 
 
 def load_phantom_masks(root: Path, image_name: str) -> dict[str, np.ndarray]:

@@ -124,7 +124,7 @@ def load_source(source: str | Path, format: SourceFormat | None = None) -> Recor
 def detect_format(path: Path) -> SourceFormat:
     """Tell which kind of source ``path`` is, or say why it is none."""
     if path.is_file():
-        if not _is_csv(path):
+        if not is_csv(path):
             raise DataSourceError(
                 f"{path}: a data source file must be a .csv or .csv.gz, not {path.suffix!r}"
             )
@@ -257,7 +257,8 @@ def _read_table(path: Path, **kwargs: object) -> pd.DataFrame:
         raise DataSourceError(f"{path}: cannot be parsed as CSV ({exc})") from None
 
 
-def _is_csv(path: Path) -> bool:
+def is_csv(path: Path) -> bool:
+    """Whether a path names a CSV (``.csv`` or ``.csv.gz``) by its name."""
     return path.name.lower().endswith((".csv", ".csv.gz"))
 
 
@@ -270,14 +271,14 @@ def _is_nih_csv(path: Path) -> bool:
 
 
 def _nih_csvs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("Data_Entry_2017*") if _is_csv(p))
+    return sorted(p for p in folder.glob("Data_Entry_2017*") if is_csv(p))
 
 
 def _generic_csvs(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and _is_csv(p) and p.name != "metadata.csv" and not p.name.startswith("BBox_List")
+        if p.is_file() and is_csv(p) and p.name != "metadata.csv" and not p.name.startswith("BBox_List")
     )
 
 

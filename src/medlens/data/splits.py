@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from medlens.data.records import NO_FINDING, RecordTable
-from medlens.errors import LeakageError
+from medlens.errors import ConfigError, LeakageError
 from medlens.io import write_atomic
 
 Splits = dict[str, np.ndarray]
@@ -32,7 +32,7 @@ def patient_split(
     names = list(fractions)
     shares = np.array([fractions[n] for n in names], dtype=np.float64)
     if np.any(shares < 0) or not np.isclose(shares.sum(), 1.0):
-        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {dict(fractions)}")
+        raise ConfigError(f"split fractions must be >= 0 and sum to 1, got {dict(fractions)}")
     position = _patient_positions(table, seed)
     edges = np.cumsum(shares)[:-1]
     which = np.searchsorted(edges, position, side="right")
@@ -44,7 +44,7 @@ def patient_split(
 def patient_folds(table: RecordTable, k: int, seed: int = 0) -> np.ndarray:
     """A fold in ``0..k-1`` per row, patient-grouped and label-stratified like :func:`patient_split`."""
     if k < 2:
-        raise ValueError(f"cross-validation needs k >= 2 folds, got {k}")
+        raise ConfigError(f"cross-validation needs --folds of at least 2, got {k}")
     return np.minimum((_patient_positions(table, seed) * k).astype(np.int64), k - 1)
 
 
@@ -63,7 +63,7 @@ def fold_splits(table: RecordTable, k: int, test_fraction: float = 0.0, seed: in
     splits = {**{f"fold{i}": rest[fold_of == i] for i in range(k)}, **splits}
     empty = [name for name, rows in splits.items() if len(rows) == 0]
     if empty:
-        raise ValueError(f"{k} folds of {len(rest)} images left {empty} empty: choose fewer folds")
+        raise ConfigError(f"{k} folds of {len(rest)} images left {empty} empty: choose fewer folds")
     check_no_leakage(table, splits)
     return splits
 
@@ -130,7 +130,7 @@ def undersample(
     ``label`` must be one of the table's labels.
     """
     if not 0.0 < keep <= 1.0:
-        raise ValueError(f"undersampling keep fraction must be in (0, 1], got {keep}")
+        raise ConfigError(f"data.undersample_keep must be in (0, 1], got {keep}")
     rows = np.asarray(rows, dtype=np.int64)
     labels = table.labels[rows]
     if label == NO_FINDING and label not in table.label_names:
@@ -138,7 +138,7 @@ def undersample(
     elif label in table.label_names:
         majority = labels[:, table.label_names.index(label)] == 1.0
     else:
-        raise ValueError(f"cannot undersample {label!r}: labels are {table.label_names} (or {NO_FINDING!r})")
+        raise ConfigError(f"cannot undersample {label!r}: labels are {table.label_names} (or {NO_FINDING!r})")
     rng = np.random.default_rng(seed)
     drop = majority & (rng.random(len(rows)) >= keep)
     return rows[~drop]

@@ -2,7 +2,7 @@
 
 :func:`prepare_image` is the one path from a read image to the uint8 model-size image: optional border crop,
 squash-resize, 8-bit quantisation, optional contrast enhancement. The cache builder stores its output and
-the Predictor computes it live, both with the options a checkpoint's manifest records.
+a loaded model (medlens.inference) computes it live, both with the options a checkpoint's manifest records.
 """
 
 from __future__ import annotations

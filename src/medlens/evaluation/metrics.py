@@ -9,7 +9,7 @@ them. Conventions:
 - A number that cannot be computed (a label with no positive or no negative among its known rows, a zero
   denominator, too few defined bootstrap resamples) is ``None``: never 0, 1 or NaN, so metrics.json says
   "cannot tell" instead of a misleading value.
-- A prediction is positive when ``prob >= threshold``, as in ``Predictor`` and ``sklearn.metrics.roc_curve``.
+- A prediction is positive when ``prob >= threshold``, as in ``medlens.inference`` and ``sklearn.metrics.roc_curve``.
 """
 
 from __future__ import annotations

@@ -46,6 +46,17 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> b
     return buffer.getvalue()
 
 
+def heatmap_png(heatmap: np.ndarray, backdrop: np.ndarray, marks: np.ndarray | None = None) -> bytes:
+    """A heatmap as a picture: a CAM (no ``marks``) in jet colours over ``backdrop`` (float [0, 1], its size);
+    an occlusion map over a face's aligned chip, enlarged, with its landmarks marked."""
+    if marks is None:
+        return overlay_png(backdrop, heatmap)
+    from medlens.explain.occlusion import explanation_image, png_bytes
+
+    chip = np.rint(np.clip(backdrop, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return png_bytes(explanation_image(chip, heatmap, marks))
+
+
 def overlay_figure(
     image: np.ndarray,
     heatmap: np.ndarray,

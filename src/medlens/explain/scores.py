@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medlens.data.transforms import resize_map
+from medlens.errors import ConfigError, DataSourceError
 
 Box = tuple[float, float, float, float]
 
@@ -51,7 +52,7 @@ def box_region(boxes: Iterable[Box], shape: tuple[int, ...]) -> np.ndarray:
     region = np.zeros((height, width), dtype=bool)
     for x, y, w, h in boxes:
         if w <= 0 or h <= 0:
-            raise ValueError(f"a box needs a positive width and height, got x={x} y={y} w={w} h={h}")
+            raise DataSourceError(f"a box needs a positive width and height, got x={x} y={y} w={w} h={h}")
         region |= ((rows >= y) & (rows < y + h))[:, None] & ((cols >= x) & (cols < x + w))[None, :]
     return region
 
@@ -61,7 +62,7 @@ def localize(heatmap: np.ndarray, region: np.ndarray, tolerance: float = 0.0) ->
     if region.ndim != 2 or not region.any():
         raise ValueError(f"region must be a non-empty 2-D mask, got shape {region.shape} with {region.sum()} pixels")
     if tolerance < 0:
-        raise ValueError(f"tolerance must be a distance in pixels >= 0, got {tolerance}")
+        raise ConfigError(f"the pointing-game tolerance must be a distance in pixels >= 0, got {tolerance}")
     heat = np.clip(resize_map(heatmap, region.shape), 0.0, None)
     total = float(heat.sum())
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)

@@ -6,77 +6,32 @@ One face per photo: when a photo holds several, the largest box is used and the 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from medlens.config import FacesConfig
 from medlens.data.readers import ImageSource, read_image
-from medlens.errors import ConfigError, MedlensError
+from medlens.errors import MedlensError
 from medlens.faces.dlib_models import cnn_detector, hog_detector, import_dlib, landmark_predictor
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("hog", "cnn")
 N_LANDMARKS = 68
 Box = tuple[int, int, int, int]
 """left, top, right, bottom in image pixels (dlib's inclusive corners)."""
 
 
-@dataclass(frozen=True)
-class DetectorSettings:
-    """How faces are found and aligned; saved in every face checkpoint so predictions align as training did.
-
-    ``detector`` is ``hog`` (fast, frontal faces) or ``cnn`` (MMOD: more poses, much slower on CPU).
-    ``upsample`` doubles the image that many times before detecting, finding faces down to ~40 px (1) or
-    ~20 px (2) at 4x the time per step. The chip is ``chip_size`` pixels square with ``chip_padding`` of
-    the face width around it: 150 and 0.25 are what dlib's descriptor was trained on.
-    """
-
-    detector: str = "hog"
-    upsample: int = 1
-    chip_size: int = 150
-    chip_padding: float = 0.25
-
-    def __post_init__(self) -> None:
-        if self.detector not in DETECTORS:
-            raise ConfigError(f"unknown face detector {self.detector!r}; valid detectors: {', '.join(DETECTORS)}")
-        if not isinstance(self.upsample, int) or not 0 <= self.upsample <= 3:
-            raise ConfigError(f"face detector upsample must be an integer in 0..3, got {self.upsample!r}")
-        if not isinstance(self.chip_size, int) or self.chip_size < 32:
-            raise ConfigError(f"face chip_size must be an integer >= 32 pixels, got {self.chip_size!r}")
-        if not 0.0 <= self.chip_padding <= 1.0:
-            raise ConfigError(f"face chip_padding must be in [0, 1], got {self.chip_padding!r}")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DetectorSettings:
-        """Settings from a manifest or config section; unknown keys are errors naming the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown face detector setting {unknown[0]!r}; valid settings: {', '.join(valid)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def tag(self) -> str:
-        """A file-name-safe summary, e.g. ``hog-up1-chip150-pad0.25``."""
-        return f"{self.detector}-up{self.upsample}-chip{self.chip_size}-pad{self.chip_padding:g}"
-
-
-DEFAULT_SETTINGS = DetectorSettings()
+DEFAULT_SETTINGS = FacesConfig()
 
 
 class NoFaceError(MedlensError, ValueError):
     """No human face was found in a photo."""
 
-    def __init__(self, source: str, settings: DetectorSettings):
+    def __init__(self, source: str, settings: FacesConfig):
         self.source = source
         self.settings = settings
         smallest = 80 >> settings.upsample  # both detectors scan an 80-pixel window
@@ -121,7 +76,7 @@ def load_rgb(source: ImageSource | np.ndarray, name: str | None = None) -> tuple
     return as_uint8_rgb(read_image(source, channels=3, name=name)), label
 
 
-def find_faces(image: np.ndarray, settings: DetectorSettings = DEFAULT_SETTINGS) -> list[Box]:
+def find_faces(image: np.ndarray, settings: FacesConfig = DEFAULT_SETTINGS) -> list[Box]:
     """Every face box the detector finds in a uint8 RGB image, in the detector's order."""
     if settings.detector == "cnn":
         rects = [found.rect for found in cnn_detector()(image, settings.upsample)]
@@ -131,7 +86,7 @@ def find_faces(image: np.ndarray, settings: DetectorSettings = DEFAULT_SETTINGS)
 
 
 def detect_face(
-    source: ImageSource | np.ndarray, settings: DetectorSettings = DEFAULT_SETTINGS, *, name: str | None = None
+    source: ImageSource | np.ndarray, settings: FacesConfig = DEFAULT_SETTINGS, *, name: str | None = None
 ) -> DetectedFace:
     """The largest face of a photo (path, bytes, or RGB array) with its landmarks and aligned chip."""
     image, label = load_rgb(source, name)

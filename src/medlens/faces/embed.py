@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -25,7 +25,7 @@ from medlens.errors import ImageReadError
 from medlens.faces.detect import (
     DEFAULT_SETTINGS,
     DetectedFace,
-    DetectorSettings,
+    FacesConfig,
     NoFaceError,
     detect_face,
     load_rgb,
@@ -81,7 +81,7 @@ def embed_chips(chips: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def embed_face(
-    source: ImageSource | np.ndarray, settings: DetectorSettings = DEFAULT_SETTINGS, *, name: str | None = None
+    source: ImageSource | np.ndarray, settings: FacesConfig = DEFAULT_SETTINGS, *, name: str | None = None
 ) -> FaceEmbedding:
     """Detect, align and describe the largest face of one photo; :class:`NoFaceError` when there is none."""
     face = detect_face(source, settings, name=name)
@@ -112,7 +112,7 @@ def file_sha256(path: str | Path) -> str:
 class EmbeddingCache:
     """Descriptors by image SHA-256 for one detector setting, in ``FOLDER/<settings.tag>.npz``."""
 
-    def __init__(self, folder: str | Path, settings: DetectorSettings = DEFAULT_SETTINGS):
+    def __init__(self, folder: str | Path, settings: FacesConfig = DEFAULT_SETTINGS):
         self.path = Path(folder) / f"{settings.tag}.npz"
         self.settings = settings
         self._rows: dict[str, tuple[np.ndarray, int]] = {}
@@ -160,7 +160,7 @@ class EmbeddingCache:
 
 def embed_paths(
     paths: Sequence[str | Path],
-    settings: DetectorSettings = DEFAULT_SETTINGS,
+    settings: FacesConfig = DEFAULT_SETTINGS,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> EmbeddingBatch:
@@ -202,7 +202,7 @@ def embed_paths(
     return EmbeddingBatch(paths, embeddings, n_faces, from_cache, ms)
 
 
-def _embed_for_batch(path: Path, settings: DetectorSettings, totals: dict[str, float]) -> tuple[np.ndarray, int]:
+def _embed_for_batch(path: Path, settings: FacesConfig, totals: dict[str, float]) -> tuple[np.ndarray, int]:
     """(descriptor, face count) of one photo, adding each step's time to ``totals``; NaN and 0 for no face."""
     started = time.perf_counter()
     image, label = load_rgb(path)
@@ -216,3 +216,62 @@ def _embed_for_batch(path: Path, settings: DetectorSettings, totals: dict[str, f
     for step, seconds in {**found.face.seconds, "embed": found.seconds_embed}.items():
         totals[step] += seconds
     return found.vector, found.face.n_faces
+
+
+@dataclass
+class FaceFrame:
+    """What a face embedder describes in one photo: the aligned chip of its largest face, and where it was."""
+
+    image: np.ndarray
+    """The aligned chip, uint8 RGB: what is embedded, and what a heatmap is drawn over."""
+    marks: np.ndarray
+    """The 68 landmarks in chip pixels."""
+    details: dict[str, Any]
+    """``n_faces``, ``box`` and ``landmarks`` (image pixels) of the photo."""
+
+
+class FaceEmbedder:
+    """dlib's face descriptor as an embedder: each photo's largest face, found and aligned as ``settings`` say.
+
+    A photo without a face has no embedding: its row is NaN and its problem ``no_face``.
+    """
+
+    name = "dlib_face"
+    channels = 3
+    inputs = "face-photo"
+    size = EMBEDDING_SIZE
+    no_frame = "no face found"
+    no_frame_code = "no_face"
+    no_frame_error = NoFaceError
+    no_frame_details: ClassVar[dict[str, Any]] = {"n_faces": 0}
+
+    def __init__(self, settings: FacesConfig = DEFAULT_SETTINGS):
+        self.settings = settings
+
+    def spec(self) -> dict[str, Any]:
+        """What a checkpoint records to rebuild this embedder."""
+        return {"name": self.name, "model": EMBEDDER, "size": self.size, "faces": self.settings.to_dict()}
+
+    @property
+    def cache_tag(self) -> str:
+        return self.settings.tag
+
+    def frame(self, pixels: np.ndarray, name: str | None = None) -> FaceFrame:
+        """The largest face of a photo, aligned; :class:`NoFaceError` when there is none."""
+        face = detect_face(pixels, self.settings, name=name)
+        details = {"n_faces": face.n_faces, "box": list(face.box), "landmarks": face.landmarks}
+        return FaceFrame(face.chip, face.chip_landmarks, details)
+
+    def embed_frames(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Descriptors (N x 128) of aligned chips."""
+        return embed_chips(images)
+
+    def embed_paths(
+        self, paths: Sequence[str | Path], cache_dir: str | Path | None = None, progress: bool = True
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Descriptors of photo files (NaN rows without a face), cached by file hash in ``cache_dir``, and each
+        photo's ``n_faces``."""
+        batch = embed_paths(paths, self.settings, cache_dir=cache_dir, progress=progress)
+        if batch.ms_per_image:
+            log.info("ms per photo: %s", ", ".join(f"{step} {ms:.1f}" for step, ms in batch.ms_per_image.items()))
+        return batch.embeddings, [{"n_faces": int(n)} for n in batch.n_faces]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from medlens.faces.embed import unit_rows
-from medlens.faces.heads import UnknownClassError
+from medlens.models.heads import UnknownClassError
 
 
 class FaceGallery:

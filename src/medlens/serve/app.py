@@ -28,11 +28,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medlens.errors import ConfigError, ImageReadError
-from medlens.explain.study_report import render_study
+from medlens.models.checkpoint import resolve_checkpoint
+from medlens.reports.study_page import render_study
 from medlens.serve.schemas import ErrorResponse, Health, Limits, ModelInfo, Prediction
-from medlens.serve.service import SERVED_CAM_METHODS, PredictOptions, ServedModel, load_served_model
+from medlens.serve.service import SERVED_METHODS, PredictOptions, ServedModel, load_served_model
 from medlens.serve.uploads import RequestError, file_field
-from medlens.training.checkpoint import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ VIEW = r"^[A-Za-z]{1,12}$"
 REPORT_FILENAME = "medlens-report.html"
 """Never the upload's own name, which may name the patient; the page names its download after the file."""
 
-CamMethod = Enum("CamMethod", {name: name for name in SERVED_CAM_METHODS}, type=str)  # type: ignore[misc]
-DEFAULT_METHOD = CamMethod("gradcam")
+CamMethod = Enum("CamMethod", {name: name for name in SERVED_METHODS}, type=str)  # type: ignore[misc]
 BEARER = HTTPBearer(auto_error=False, description="the token the server was started with")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -203,14 +202,17 @@ def _add_routes(app: FastAPI, guard: Any) -> None:
         model: Annotated[ServedModel, Depends(served_model)],
         body: Annotated[bytes, Depends(upload)],
         cam: Annotated[bool, Query(description="draw heatmaps")] = True,
-        method: Annotated[CamMethod, Query(description="CAM method")] = DEFAULT_METHOD,
+        method: Annotated[
+            CamMethod | None, Query(description="heatmap method (default: the model's first, see /model)")
+        ] = None,
         labels: Annotated[
             str | None, Query(description="comma-separated labels to explain (default: the positive ones)")
         ] = None,
     ) -> Response:
         """Findings for one PNG, JPEG or DICOM image (multipart field ``file``), with heatmaps."""
         data = file_field(body, request.headers.get("content-type"))
-        options = PredictOptions(cam=cam, method=method.value, explain=_labels(labels, model.labels))
+        chosen = None if method is None else method.value
+        options = PredictOptions(cam=cam, method=chosen, explain=_labels(labels, model.labels))
         prediction = model.predict(data, options)
         log.info(
             "predicted a %s of %dx%d in %.0f ms%s",

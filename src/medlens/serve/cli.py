@@ -6,7 +6,10 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 from pathlib import Path
+
+from medlens.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from medlens.serve.app import create_app
 
+    check_port(args.host, args.port)
     if args.token is None and not _is_loopback(args.host):
         log.warning("serving on %s without --token: anyone who can reach this address can use the API", args.host)
     app = create_app(
@@ -49,6 +53,18 @@ def _serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """:class:`UsageError` naming the address when the server could not listen there (in use, not this machine's)."""
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port} is not a TCP port: choose one in 1-65535")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port or --host") from None
 
 
 def _is_loopback(host: str) -> bool:

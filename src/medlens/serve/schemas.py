@@ -45,12 +45,17 @@ class Limits(BaseModel):
     request_seconds: float = Field(description="longest a request may wait for and use the model before a 503")
 
 
+Kind = Literal["classifier", "ensemble", "probe"]
+Inputs = Literal["chest-xray", "face-photo", "image"]
+
+
 class ModelInfo(BaseModel):
-    kind: Literal["classifier", "face-embedding"]
+    kind: Kind = Field(description="the checkpoint's kind: a network, a fold ensemble, or a probe (embedder + head)")
+    inputs: Inputs = Field(description="what the model was made for; the X-ray guard applies to chest-xray")
     task: str = Field(description="multilabel: findings with thresholds; multiclass: one class per image")
     labels: list[str]
-    thresholds: list[float] = Field(description="operating threshold per label, in label order; none for faces")
-    input: InputSpec | None = Field(description="the model's input; null for face models (aligned face chips)")
+    thresholds: list[float] = Field(description="operating threshold per label, in label order (multilabel only)")
+    input: InputSpec | None = Field(description="the network's input; null for probes (e.g. aligned face chips)")
     card: ModelCard
     cam_methods: list[str]
     ood_guard: bool = Field(description="whether inputs are checked for looking like a chest X-ray")
@@ -61,7 +66,7 @@ class ModelInfo(BaseModel):
 class Finding(BaseModel):
     label: str
     probability: float
-    threshold: float | None = Field(default=None, description="its operating threshold; null for face models")
+    threshold: float | None = Field(default=None, description="its operating threshold; null for multiclass")
     positive: bool = Field(description="over its threshold (multiclass: the most probable class)")
 
 
@@ -104,7 +109,8 @@ class Timings(BaseModel):
 
 
 class Prediction(BaseModel):
-    kind: Literal["classifier", "face-embedding"]
+    kind: Kind
+    inputs: Inputs
     task: str
     findings: list[Finding] = Field(description="every label, most probable first")
     positives: list[str] = Field(
@@ -113,6 +119,6 @@ class Prediction(BaseModel):
     top_k: list[Finding] = Field(description="the most probable labels or classes")
     heatmaps: list[Heatmap]
     image: ImageInfo
-    ood: OodReport | None = Field(description="null where the model expects no chest X-ray (face models)")
+    ood: OodReport | None = Field(description="null where the model expects no chest X-ray (e.g. face photos)")
     timings_ms: Timings
     notice: str = RESEARCH_NOTICE

@@ -1,15 +1,13 @@
 """The model behind the HTTP app: one upload in, one :class:`~medlens.serve.schemas.Prediction` out.
 
-No HTTP here: the app parses requests and serialises answers; a served model reads the bytes, checks the
-image, predicts and explains. :class:`ClassifierModel` serves image checkpoints (chest X-rays, or photos
-when the model was trained on faces), :class:`FaceModel` face-embedding checkpoints (top-k classes,
-occlusion maps); anything with the same methods (:class:`ServedModel`) can stand behind the app.
+No HTTP here: the app parses requests and serialises answers; a :class:`ServedModel` reads the bytes, checks
+the image (the X-ray guard, for models of chest X-rays), predicts and explains through the one model contract
+of :mod:`medlens.inference`, whatever the checkpoint's kind.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
 import io
 import logging
 import threading
@@ -20,22 +18,19 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from medlens.data.png import compile_now
 from medlens.data.readers import LoadedImage, load_image
-from medlens.explain.cam import CAM_METHODS, CamExplainer
-from medlens.explain.overlay import blend
-from medlens.explain.study import Study, classifier_study, face_study_of
-from medlens.faces.detect import NoFaceError
-from medlens.faces.pipeline import FACE_KIND, FacePredictor
-from medlens.inference import Predictor
+from medlens.explain.cam import CAM_METHODS
+from medlens.explain.overlay import blend, heatmap_png
+from medlens.inference import OCCLUSION, Model, load_model
 from medlens.ood import assess_upload
+from medlens.reports.study import Study, study_of
 from medlens.runtime import available_cores
 from medlens.serve.schemas import (
     Finding,
@@ -50,15 +45,14 @@ from medlens.serve.schemas import (
     Timings,
 )
 from medlens.serve.uploads import RequestError
-from medlens.training.checkpoint import read_manifest
 
 log = logging.getLogger(__name__)
 
 TOP_K = 3
-SERVED_CAM_METHODS = [name for name in CAM_METHODS if name != "scorecam"]
-"""ScoreCAM runs a forward pass per feature channel (2,048 for ResNet-50: a minute on 2 cores), holding the
-model thread from every other request meanwhile; the CLI's explain job still offers it."""
-REPORT_CAM_METHOD = "gradcam"
+SERVED_METHODS = [*(name for name in CAM_METHODS if name != "scorecam"), OCCLUSION]
+"""Heatmap methods the server offers (each model offers its own among them). ScoreCAM runs a forward pass per
+feature channel (2,048 for ResNet-50: a minute on 2 cores), holding the model thread from every other request
+meanwhile; the CLI's explain job still offers it."""
 HEATMAP_MAX_SIDE = 768
 """Heatmaps of larger images are drawn over a copy shrunk to this longest side: a page shows less, and
 the overlay of a 1024 px film costs ~4x the time to colour and compress."""
@@ -69,36 +63,15 @@ HEATMAP_PNG_LEVEL = 1
 @dataclass(frozen=True)
 class PredictOptions:
     cam: bool = True
-    method: str = "gradcam"
+    method: str | None = None
+    """The heatmap method; None: the model's first (Grad-CAM for networks, occlusion for probes)."""
     explain: tuple[str, ...] = ()
     """Labels to draw heatmaps for; empty: the positive ones, else the most probable one."""
 
 
-class ServedModel(Protocol):
-    """What the app needs from a model; calls may come from several threads at once."""
-
-    labels: list[str]
-
-    def info(self) -> ModelInfo: ...
-
-    def predict(self, data: bytes, options: PredictOptions) -> Prediction: ...
-
-    def study(self, data: bytes, view: str | None) -> Study: ...
-
-    def close(self) -> None: ...
-
-
 def load_served_model(checkpoint: str | Path, limits: Limits) -> ServedModel:
-    """The served model for a checkpoint folder (or a run folder), chosen by what its manifest says."""
-    if read_manifest(checkpoint).get("kind") == FACE_KIND:
-        return FaceModel(FacePredictor.from_checkpoint(checkpoint), limits)
-    return ClassifierModel(Predictor.from_checkpoint(checkpoint, spin=False), limits)
-
-
-def expects_chest_xrays(manifest: dict[str, Any]) -> bool:
-    """Whether a checkpoint's inputs are chest X-rays, so the X-ray guard applies (not for face models)."""
-    augment = manifest.get("config", {}).get("train", {}).get("augment")
-    return manifest.get("kind") != FACE_KIND and augment != "face"
+    """The served model of a checkpoint folder (or a run folder), whatever its kind."""
+    return ServedModel(load_model(checkpoint, spin=False), limits)
 
 
 class Workers:
@@ -182,75 +155,93 @@ class _Clock:
         return Timings(**self.laps, total=(self.last - self.start) * 1000.0)
 
 
-class ClassifierModel:
-    """A :class:`~medlens.inference.Predictor` served: probabilities, findings, heatmaps, the X-ray guard."""
+class ServedModel:
+    """A loaded model (:mod:`medlens.inference`) behind the app: probabilities, findings, heatmaps, the X-ray
+    guard (for models of chest X-rays), study reports. Calls may come from several threads at once."""
 
-    def __init__(self, predictor: Predictor, limits: Limits):
-        self.predictor = predictor
+    def __init__(self, model: Model, limits: Limits):
+        self.model = model
         self.limits = limits
-        self.labels = predictor.labels
-        self.guard = expects_chest_xrays(predictor.manifest)
-        # CAM hooks fire on every forward of the model they sit on, so they sit on a copy that plain
-        # predictions never run through.
-        self._cam_predictor = Predictor(copy.deepcopy(predictor.model), predictor.manifest, predictor.path)
-        self._explainer: CamExplainer | None = None
+        self.labels = model.labels
+        self.guard = model.inputs == "chest-xray"
+        self.methods = [name for name in model.cam_methods if name in SERVED_METHODS]
         self._workers = Workers("medlens-model", limits.request_seconds)
         compile_now()  # the PNG decoder's loop, so that the first upload does not wait for numba
 
     def info(self) -> ModelInfo:
-        p, manifest = self.predictor, self.predictor.manifest
+        m = self.model
+        spec = None
+        if m.network is not None:
+            spec = InputSpec(image_size=m.image_size, channels=m.channels, mean=m.mean, std=m.std)  # type: ignore[attr-defined]
         return ModelInfo(
-            kind="classifier",
-            task=p.task,
-            labels=p.labels,
-            thresholds=p.thresholds,
-            input=InputSpec(image_size=p.image_size, channels=p.channels, mean=p.mean, std=p.std),
-            card=_card(manifest, manifest["model"]["name"]),
-            cam_methods=SERVED_CAM_METHODS,
+            kind=m.kind,
+            inputs=m.inputs,
+            task=m.task,
+            labels=m.labels,
+            thresholds=m.thresholds if m.task == "multilabel" else [],
+            input=spec,
+            card=_card(m.manifest, m.name),
+            cam_methods=self.methods,
             ood_guard=self.guard,
             limits=self.limits,
         )
 
     def predict(self, data: bytes, options: PredictOptions) -> Prediction:
-        """Read, check, predict and explain one uploaded image; :class:`ImageReadError` if unreadable."""
-        p = self.predictor
+        """Read, check, predict and explain one uploaded image; :class:`ImageReadError` if unreadable, 422
+        when the model cannot answer for it (a face model: no face)."""
+        m = self.model
         clock = _Clock()
         deadline = self._workers.deadline()
         with self._workers.image_work(deadline):
             # A helper thread inflates a film's PNG while this one undoes its filters: the same work split in
             # two, done 1 ms sooner when a core is free, costing ~0.1 ms of handoffs when none is.
             limit = self.limits.max_pixels
-            loaded = load_image(data, channels=p.channels, max_pixels=limit, name="upload", overlap=True)
+            loaded = load_image(data, channels=m.channels, max_pixels=limit, name="upload", overlap=True)
             clock.lap("read")
-            x = p.to_tensor([loaded.pixels])
+            prepared = m.prepare(loaded.pixels)
             clock.lap("preprocess")
         # The forward pass starts now; the X-ray guard, a millisecond on a 128 px copy, runs beside it here.
         submitted = time.perf_counter()
-        forward = self._workers.submit(_timed, p.probabilities, x)
+        forward = self._workers.submit(_timed, m.logits, [prepared])
         ood = self._check(loaded, data)
         clock.lap("ood")
-        (probs,), started, seconds = self._workers.result(forward, deadline)
+        scores, started, seconds = self._workers.result(forward, deadline)
         clock.lap("forward")
         clock.record("queue", (started - submitted) * 1000.0)
         clock.record("forward", seconds * 1000.0)
+        problem = scores.problems[0]
+        if problem is not None:
+            raise RequestError(422, problem.code, problem.detail.removeprefix("image: "))
+        probs = m.probabilities(scores.values)[0]
         order = np.argsort(-probs, kind="stable")
-        ranked = [p.labels[i] for i in order]
-        over = set(p.positives(probs))
+        ranked = [m.labels[i] for i in order]
+        over = set(m.positives(probs))
         positives = [label for label in ranked if label in over]
         shown = list(options.explain)
         if not shown and not (ood and ood.flag):
             shown = positives or ranked[:1]
-        heatmaps = self._heatmaps(loaded.pixels, x, shown, options.method, deadline) if options.cam else []
+        method = options.method or self.methods[0]
+        if method not in self.methods:
+            valid = ", ".join(self.methods)
+            raise RequestError(422, "invalid_query", f"method {method!r} does not apply to this model; use {valid}")
+        heatmaps = self._heatmaps(loaded.pixels, prepared, shown, method, deadline) if options.cam else []
         clock.lap("cam")
+        multilabel = m.task == "multilabel"
         findings = [
-            Finding(label=label, probability=float(probs[i]), threshold=float(p.thresholds[i]), positive=label in over)
+            Finding(
+                label=label,
+                probability=float(probs[i]),
+                threshold=float(m.thresholds[i]) if multilabel else None,
+                positive=label in over,
+            )
             for i, label in zip(order, ranked, strict=True)
         ]
         height, width = loaded.pixels.shape[:2]
         dicom = loaded.dicom if loaded.format == "dicom" else None
         return Prediction(
-            kind="classifier",
-            task=p.task,
+            kind=m.kind,
+            inputs=m.inputs,
+            task=m.task,
             findings=findings,
             positives=positives,
             top_k=findings[:TOP_K],
@@ -262,19 +253,14 @@ class ClassifierModel:
 
     def study(self, data: bytes, view: str | None) -> Study:
         """The facts of a study report; reports are rare, so all their work, reading included, runs on the
-        model thread, where the raw heatmaps whose peaks name the zones come from the CAM model."""
-        return self._workers.model(self._workers.deadline(), self._study, data, view)
-
-    def _study(self, data: bytes, view: str | None) -> Study:
-        return classifier_study(
-            self._cam_predictor,
-            self._explainer_for(REPORT_CAM_METHOD),
-            data,
-            view=view,
-            xray_guard=self.guard,
-            name="upload",
-            max_pixels=self.limits.max_pixels,
+        model thread. 422 when the model cannot answer for the image, as for :meth:`predict`."""
+        deadline, limit = self._workers.deadline(), self.limits.max_pixels
+        study = self._workers.model(
+            deadline, study_of, self.model, data, view=view, name="upload", max_pixels=limit, method=self.methods[0]
         )
+        if study.no_answer is not None:
+            raise RequestError(422, study.no_answer.code, study.no_answer.detail.removeprefix("upload: "))
+        return study
 
     def _check(self, loaded: LoadedImage, data: bytes) -> OodReport | None:
         if not self.guard:
@@ -283,115 +269,30 @@ class ClassifierModel:
         return OodReport(flag=result.flag, score=result.score, checks=result.checks, reasons=result.reasons)
 
     def _heatmaps(
-        self, pixels: np.ndarray, x: torch.Tensor, shown: list[str], method: str, deadline: float
+        self, pixels: np.ndarray, prepared: Any, shown: list[str], method: str, deadline: float
     ) -> list[Heatmap]:
         if not shown:
             return []
-        maps = self._workers.model(deadline, self._maps, x, shown, method)
+        targets = [self.labels.index(label) for label in shown]
+        maps = self._workers.model(deadline, self.model.heatmaps, pixels, targets, method, prepared)
         with self._workers.image_work(deadline):
             backdrop = _shrunk(pixels, HEATMAP_MAX_SIDE)
-            framed = [self.predictor.heatmap_in_image(m, pixels) for m in maps]
-            return [_heatmap(label, method, _png(blend(backdrop, m))) for label, m in zip(shown, framed, strict=True)]
-
-    def _maps(self, x: torch.Tensor, shown: list[str], method: str) -> list[np.ndarray]:
-        """The ``method`` map of each label in ``shown``; runs on the model thread only."""
-        explainer = self._explainer_for(method)
-        return [explainer(x, self.labels.index(label)) for label in shown]
-
-    def _explainer_for(self, method: str) -> CamExplainer:
-        """The CAM model's explainer for ``method``; model thread only."""
-        if self._explainer is None or self._explainer.method != method:
-            # One explainer at a time: each one's hooks fire on every forward of the CAM model.
-            if self._explainer is not None:
-                self._explainer.close()
-            self._explainer = CamExplainer(self._cam_predictor.model, method)
-        return self._explainer
+            return [_heatmap(h.label, method, _picture(h, backdrop)) for h in maps]
 
     def close(self) -> None:
         self._workers.close()
-        if self._explainer is not None:
-            self._explainer.close()
-            self._explainer = None
+        self.model.close()
 
 
-class FaceModel:
-    """A face-embedding checkpoint served: the top-k classes of the largest face and occlusion heatmaps.
-
-    Its inputs are face photos, so the chest-X-ray guard does not apply (``ood`` is null).
-    """
-
-    method = "occlusion"
-
-    def __init__(self, predictor: FacePredictor, limits: Limits):
-        self.predictor = predictor
-        self.limits = limits
-        self.labels = predictor.labels
-        # dlib's detector and the head serve one image at a time.
-        self._workers = Workers("medlens-faces", limits.request_seconds)
-
-    def info(self) -> ModelInfo:
-        manifest = self.predictor.manifest
-        return ModelInfo(
-            kind="face-embedding",
-            task="multiclass",
-            labels=self.labels,
-            thresholds=[],
-            input=None,
-            card=_card(manifest, f"{manifest['model']['head']} head on {manifest['embedder']['name']} embeddings"),
-            cam_methods=[self.method],
-            ood_guard=False,
-            limits=self.limits,
-        )
-
-    def predict(self, data: bytes, options: PredictOptions) -> Prediction:
-        """Find the largest face, rank the classes, explain the chosen ones; 422 ``no_face`` without a face."""
-        clock = _Clock()
-        deadline = self._workers.deadline()
-        with self._workers.image_work(deadline):
-            loaded = load_image(data, channels=3, max_pixels=self.limits.max_pixels, name="upload")
-        clock.lap("read")
-        clock.lap("preprocess")  # detection and alignment happen inside the model's own steps
-        clock.lap("ood")
-        try:
-            found = self._workers.model(deadline, self.predictor.predict_image, loaded.pixels, k=TOP_K)
-            clock.lap("forward")
-            shown = (list(options.explain) or [found.top_k[0][0]]) if options.cam else []
-            charts = {
-                label: self._workers.model(deadline, self.predictor.explain, loaded.pixels, target=label)
-                for label in shown
-            }
-        except NoFaceError as exc:
-            raise RequestError(422, "no_face", str(exc).removeprefix("upload: ")) from None
-        clock.lap("cam")
-        ranked = sorted(found.probabilities.items(), key=lambda item: -item[1])
-        findings = [Finding(label=label, probability=p, positive=rank == 0) for rank, (label, p) in enumerate(ranked)]
-        height, width = loaded.pixels.shape[:2]
-        return Prediction(
-            kind="face-embedding",
-            task="multiclass",
-            findings=findings,
-            positives=[ranked[0][0]],
-            top_k=findings[:TOP_K],
-            heatmaps=[_heatmap(label, self.method, png) for label, png in charts.items()],
-            image=ImageInfo(format=loaded.format, width=width, height=height),
-            ood=None,
-            timings_ms=clock.timings(),
-        )
-
-    def study(self, data: bytes, view: str | None) -> Study:
-        """The facts of a study report: the ranking of the largest face and its occlusion map; 422 without a face,
-        as for :meth:`predict`."""
-        deadline, limit = self._workers.deadline(), self.limits.max_pixels
-        study = self._workers.model(deadline, face_study_of, self.predictor, data, name="upload", max_pixels=limit)
-        if study.no_face:
-            raise RequestError(422, "no_face", study.no_face)
-        return study
-
-    def close(self) -> None:
-        self._workers.close()
+def _picture(heatmap: Any, backdrop: np.ndarray) -> bytes:
+    """A CAM over the (shrunk) upload; an occlusion map over the face chip it was computed on."""
+    if heatmap.marks is None:
+        return _png(blend(backdrop, heatmap.map))
+    return heatmap_png(heatmap.map, heatmap.backdrop, heatmap.marks)
 
 
 def _card(manifest: dict[str, Any], name: str) -> ModelCard:
+    """The served model card: what the model is, what it learned from, its validation metrics."""
     return ModelCard(
         name=name,
         data={k: None if v is None else str(v) for k, v in manifest.get("data", {}).items()},

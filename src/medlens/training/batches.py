@@ -1,4 +1,4 @@
-"""Training inputs: cached uint8 images to normalised tensors, seeded batch order, batch augmentation.
+"""Training batches: seeded batch order, rank shards, batch augmentation.
 
 Images come from the preprocessing cache (decoded and resized once), so an epoch never decodes a PNG.
 Augmentation runs on whole batches as tensors with an explicit generator: the same seed and epoch give
@@ -8,23 +8,13 @@ the same batches, which is what makes ``--resume`` end with the same weights as 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 AUGMENTATIONS = ("xray", "face", "none")
-
-
-def to_input(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, H, W) or (B, H, W, C) -> normalised float (B, C, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    x = x.float().div_(255.0)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

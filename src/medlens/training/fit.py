@@ -1,16 +1,16 @@
-"""The training run, top to bottom: data, model, optimiser, epochs, checkpoints, calibration.
+"""The training loop, top to bottom: model, optimiser, epochs, checkpoints. Nothing else.
 
-``train(config, run_dir)`` is what ``medlens train`` calls, in one process or under ``torchrun``.
+``fit(config, run_dir, data, ctx)`` trains on a run's prepared data (:mod:`medlens.training.data`) and
+writes ``best/``, ``last/`` and ``history.csv`` after every epoch; :func:`medlens.jobs.train.train`, what
+``medlens train`` calls, prepares the data before and calibrates, exports and plots after. The state of a
+run travels as one :class:`TrainState`, which is also what ``last/`` stores for ``--resume``.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,155 +21,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medlens.config import PHANTOMS, Config
-from medlens.data.cache import ImageCache, build_cache
-from medlens.data.records import RecordTable, load_source
-from medlens.data.splits import check_no_leakage, patient_split, read_splits, undersample, write_splits
-from medlens.errors import ConfigError, MedlensError
 from medlens.io import write_atomic
-from medlens.runtime import apply_cpu_defaults, to_channels_last
+from medlens.models.checkpoint import load_training_state, load_weights, save_checkpoint
+from medlens.models.inputs import probabilities, to_channels_last, to_input
+from medlens.runs import BEST_DIR, HISTORY_FILE, LAST_DIR
 from medlens.training import distributed
-from medlens.training.batches import augment, batches, epoch_order, shard, to_input
-from medlens.training.checkpoint import load_training_state, load_weights, save_checkpoint, update_manifest
-from medlens.training.losses import make_loss, probabilities
+from medlens.training.batches import augment, batches, epoch_order, shard
+from medlens.training.data import RunData
+from medlens.training.losses import make_loss
 
 log = logging.getLogger(__name__)
 
-SPLITS_FILE = "splits.csv"
-HISTORY_FILE = "history.csv"
+PROGRESS_EVERY = 10
+"""Batches between progress-bar refreshes: reading the running loss back to the host waits for the device."""
 
 
-@dataclass
-class RunData:
-    table: RecordTable
-    splits: dict[str, np.ndarray]
-    cache: ImageCache
-    cache_rows: np.ndarray
-
-
-Calibrated = Callable[["RunData", np.ndarray], None]
-"""Called with the run's data and best/'s calibrated validation probabilities once they are stored."""
-
-OPERATING_POINT_KEYS = ("sensitivity", "specificity", "n_positive", "n_known")
-
-
-def train(
-    config: Config,
-    run_dir: str | Path,
-    resume: bool = False,
-    progress: bool = True,
-    on_calibrated: Calibrated | None = None,
-) -> dict[str, Any]:
-    """Train per ``config`` into ``run_dir``; returns the best epoch's validation metrics."""
-    apply_cpu_defaults()
-    run_dir = Path(run_dir)
-    ctx = distributed.init_distributed()
-    try:
-        _check_run_dir(run_dir, resume, ctx)
-        data = prepare_data(config, run_dir, ctx)
-        return _fit(config, run_dir, data, ctx, resume, progress and ctx.is_main, on_calibrated)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise MedlensError(
-            f"{exc.filename or run_dir}: {exc.strerror}; the checkpoints in {run_dir} are intact: "
-            "free space and continue with --resume"
-        ) from exc
-    finally:
-        distributed.shutdown(ctx)
-
-
-def _check_run_dir(run_dir: Path, resume: bool, ctx: distributed.Dist) -> None:
-    if not resume and (run_dir / "last").exists():
-        raise MedlensError(f"{run_dir} already holds a run: pass --resume to continue it, or choose a new --out")
-    if ctx.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            problem = f"cannot create the run folder {run_dir} ({exc.strerror})"
-            raise MedlensError(f"{problem}; choose another --out") from None
-        if not os.access(run_dir, os.W_OK | os.X_OK):
-            raise MedlensError(f"the run folder {run_dir} is not writable; choose another --out")
-
-
-def prepare_data(config: Config, run_dir: Path, ctx: distributed.Dist) -> RunData:
-    """The table, its patient-grouped splits (kept in splits.csv) and the preprocessing cache."""
-    table, cache, cache_rows = load_cached_table(config, run_dir, ctx)
-    splits = _load_or_make_splits(config, run_dir, table, ctx)
-    return RunData(table, splits, cache, cache_rows)
-
-
-def load_cached_table(
-    config: Config, run_dir: Path, ctx: distributed.Dist
-) -> tuple[RecordTable, ImageCache, np.ndarray]:
-    """The table of readable images, the preprocessing cache holding them, and each image's cache row."""
-    table = _load_table(config, run_dir, ctx)
-    d = config.data
-    cache_dir = Path(d.cache) if d.cache else run_dir / "cache"
-    if ctx.is_main:
-        build_cache(
-            table.paths, cache_dir, d.image_size, d.channels, contrast=d.contrast, crop_border=d.crop_border
-        )
-    distributed.barrier(ctx)
-    cache = ImageCache(cache_dir)
-    cache_rows = cache.indices_of([str(p) for p in table.paths])
-    readable = cache.status[cache_rows] == "ok"
-    if not readable.all():
-        log.warning("%d unreadable images left out of training", int((~readable).sum()))
-        table, cache_rows = table.subset(np.flatnonzero(readable)), cache_rows[readable]
-    return table, cache, cache_rows
-
-
-def _load_table(config: Config, run_dir: Path, ctx: distributed.Dist) -> RecordTable:
-    if config.data.source == PHANTOMS:
-        return load_source(phantom_folder(config, run_dir, ctx))
-    table = load_source(config.data.source, config.data.format)  # type: ignore[arg-type]
-    if config.data.views:
-        if "view" not in table.frame.columns:
-            raise ConfigError(f"data.views={config.data.views} but {config.data.source} has no view column")
-        table = table.subset(np.flatnonzero(table.frame["view"].isin(config.data.views).to_numpy()))
-    return table
-
-
-def phantom_folder(config: Config, run_dir: Path, ctx: distributed.Dist) -> Path:
-    """``run_dir/phantoms``, generated there as ``data.phantoms`` says unless it already is."""
-    from medlens.data.phantoms import generate_phantoms
-
-    folder = run_dir / "phantoms"
-    spec = config.data.phantoms
-    if ctx.is_main and not (folder / "BBox_List_2017.csv").exists():
-        generate_phantoms(folder, n=spec.n, task=spec.task, size=spec.size, seed=spec.seed, progress=False)
-    distributed.barrier(ctx)
-    return folder
-
-
-def _load_or_make_splits(config: Config, run_dir: Path, table: RecordTable, ctx: distributed.Dist) -> dict:
-    path = run_dir / SPLITS_FILE
-    if path.exists():
-        splits = read_splits(path, table)
-    else:
-        val, test = config.data.val_fraction, config.data.test_fraction
-        fractions = {"train": 1.0 - val - test, "val": val, "test": test}
-        splits = patient_split(table, fractions, seed=config.train.seed)
-        if ctx.is_main:
-            write_splits(path, table, splits)
-    check_no_leakage(table, splits)
-    if config.data.undersample:
-        kept = undersample(
-            table, splits["train"], config.data.undersample, config.data.undersample_keep, config.train.seed
-        )
-        log.info(
-            "undersampled %r: %d -> %d training images",
-            config.data.undersample,
-            len(splits["train"]),
-            len(kept),
-        )
-        splits["train"] = kept
-    if len(splits.get("train", [])) == 0 or len(splits.get("val", [])) == 0:
-        raise ConfigError(f"the split left no training or no validation images ({len(table)} images in all)")
-    return splits
-
-
-def build_model(config: Config, num_classes: int) -> nn.Module:
+def build_model(config: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """The classifier a config describes, frozen as its strategy says; ``pretrained=False`` skips the weights
+    (for a model whose weights are loaded next)."""
     from medlens.models import apply_strategy, create_model
 
     m = config.model
@@ -177,7 +46,7 @@ def build_model(config: Config, num_classes: int) -> nn.Module:
         m.name,
         num_classes=num_classes,
         in_chans=config.data.channels,
-        pretrained=m.pretrained,
+        pretrained=m.pretrained if pretrained else False,
         head=m.head,
         head_hidden=m.head_hidden,
         head_dropout=m.head_dropout,
@@ -187,7 +56,7 @@ def build_model(config: Config, num_classes: int) -> nn.Module:
     return to_channels_last(model)
 
 
-def _make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     from medlens.models import param_groups
 
     t = config.train
@@ -199,7 +68,7 @@ def _make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr)
 
 
-def _make_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> Any:
+def make_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> Any:
     t = config.train
     if t.scheduler == "plateau":
         mode = "min" if t.best_metric == "val_loss" else "max"
@@ -222,6 +91,8 @@ def manifest_for(config: Config, data: RunData, model: nn.Module) -> dict[str, A
     """What a checkpoint must say so evaluate/explain/serve need nothing else."""
     source = config.data.source
     return {
+        "kind": "classifier",
+        "inputs": "face-photo" if config.train.augment == "face" else "chest-xray",
         "task": data.table.task,
         "labels": data.table.label_names,
         "model": {
@@ -251,63 +122,71 @@ def manifest_for(config: Config, data: RunData, model: nn.Module) -> dict[str, A
     }
 
 
-def _fit(
-    config: Config,
-    run_dir: Path,
-    data: RunData,
-    ctx: distributed.Dist,
-    resume: bool,
-    progress: bool,
-    on_calibrated: Calibrated | None,
+@dataclass
+class TrainState:
+    """Everything a run carries from epoch to epoch; ``last/`` holds it, so ``--resume`` continues exactly."""
+
+    model: nn.Module
+    wrapped: nn.Module
+    """The model as the step calls it: ``model`` itself, or its DDP wrapper."""
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: nn.Module
+    epoch: int = -1
+    """The last finished epoch."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float | None = None
+    stale: int = 0
+    """Epochs since ``best`` last improved."""
+
+    def saved(self) -> dict[str, Any]:
+        """What ``last/`` stores beside the weights."""
+        return {
+            "epoch": self.epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "history": self.history,
+            "best": self.best,
+            "stale": self.stale,
+        }
+
+
+def fit(
+    config: Config, run_dir: Path, data: RunData, ctx: distributed.Dist, resume: bool, progress: bool
 ) -> dict[str, Any]:
+    """Train ``config.train.epochs`` epochs (or until early stopping); returns the best epoch's history row."""
+    t = config.train
+    state = start(config, run_dir, data, ctx, resume)
+    manifest = manifest_for(config, data, state.model)
+    for epoch in range(state.epoch + 1, t.epochs):
+        train_loss = train_epoch(config, state, data, ctx, epoch, progress)
+        scores = validate(state, data, ctx)
+        improved = record_epoch(config, state, epoch, train_loss, scores)
+        if ctx.is_main:
+            save_epoch(run_dir, state, manifest, scores, improved)
+        distributed.barrier(ctx)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in scores.items() if not math.isnan(v))
+        log.info("epoch %d: train_loss %.4f %s%s", epoch, train_loss, shown, " (best)" if improved else "")
+        if t.early_stopping and state.stale >= t.early_stopping:
+            log.info("early stopping: %s has not improved for %d epochs", t.best_metric, state.stale)
+            break
+    sign = 1 if t.best_metric == "val_loss" else -1
+    return min(state.history, key=lambda row: row[t.best_metric] * sign)
+
+
+def start(config: Config, run_dir: Path, data: RunData, ctx: distributed.Dist, resume: bool) -> TrainState:
+    """A fresh state (seeded model, optimiser, scheduler, loss), or the one ``last/`` holds with ``resume``."""
     t = config.train
     torch.manual_seed(t.seed)
     model = build_model(config, len(data.table.label_names)).to(ctx.device)
-    optimizer = _make_optimizer(config, model)
-    scheduler = _make_scheduler(config, optimizer)
+    optimizer = make_optimizer(config, model)
     loss_fn = make_loss(
-        data.table.task,
-        data.table.labels[data.splits["train"]],
-        t.pos_weighting,
-        t.class_weights,
-        t.label_smoothing,
+        data.table.task, data.table.labels[data.splits["train"]], t.pos_weighting, t.class_weights, t.label_smoothing
     ).to(ctx.device)
-    state = _resume_state(run_dir, model, optimizer, scheduler) if resume else None
-    history: list[dict[str, Any]] = state["history"] if state else []
-    best = state["best"] if state else None
-    stale = state["stale"] if state else 0
-    wrapped = _wrap(model, ctx)
-    manifest = manifest_for(config, data, model)
-    for epoch in range(state["epoch"] + 1 if state else 0, t.epochs):
-        train_loss = _train_epoch(config, wrapped, model, optimizer, loss_fn, data, ctx, epoch, progress)
-        scores = _validate(config, model, loss_fn, data, ctx)
-        lrs = [g["lr"] for g in optimizer.param_groups]  # the rate this epoch trained with
-        _step_scheduler(scheduler, scores[t.best_metric])
-        improved = best is None or _better(scores[t.best_metric], best, t.best_metric)
-        best, stale = (scores[t.best_metric], 0) if improved else (best, stale + 1)
-        history.append({"epoch": epoch, "train_loss": train_loss, **scores, "lr": max(lrs)})
-        if ctx.is_main:
-            _save_epoch(run_dir, model, manifest, optimizer, scheduler, history, best, stale, epoch, improved, scores)
-        distributed.barrier(ctx)
-        log.info(
-            "epoch %d: train_loss %.4f %s%s",
-            epoch,
-            train_loss,
-            " ".join(f"{k} {v:.4f}" for k, v in scores.items() if not math.isnan(v)),
-            " (best)" if improved else "",
-        )
-        if t.early_stopping and stale >= t.early_stopping:
-            log.info("early stopping: %s has not improved for %d epochs", t.best_metric, stale)
-            break
-    if ctx.is_main:
-        validation_probs = _calibrate_best(config, run_dir, data)
-        if t.export_onnx:
-            export_trained(run_dir / "best", data.table, data.splits["val"])
-        _plot_history(run_dir)
-        if on_calibrated is not None:
-            on_calibrated(data, validation_probs)
-    best_row = min(history, key=lambda r: r[t.best_metric] * (1 if t.best_metric == "val_loss" else -1))
-    return best_row
+    state = TrainState(model, _wrap(model, ctx), optimizer, make_scheduler(config, optimizer), loss_fn)
+    if resume:
+        _resume(run_dir, state)
+    return state
 
 
 def _wrap(model: nn.Module, ctx: distributed.Dist) -> nn.Module:
@@ -317,53 +196,65 @@ def _wrap(model: nn.Module, ctx: distributed.Dist) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def _train_epoch(
-    config: Config,
-    wrapped: nn.Module,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    data: RunData,
-    ctx: distributed.Dist,
-    epoch: int,
-    progress: bool,
+def _resume(run_dir: Path, state: TrainState) -> None:
+    last = run_dir / LAST_DIR
+    if not last.exists() and (run_dir / f"{LAST_DIR}.old").exists():
+        last = run_dir / f"{LAST_DIR}.old"  # a crash between the two renames of a checkpoint write
+    if not last.exists():
+        log.info("nothing to resume in %s: starting from epoch 0", run_dir)
+        return
+    state.model.load_state_dict(load_weights(last))
+    saved = load_training_state(last)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    if state.scheduler is not None and saved.get("scheduler") is not None:
+        state.scheduler.load_state_dict(saved["scheduler"])
+    state.epoch, state.history = saved["epoch"], saved["history"]
+    state.best, state.stale = saved["best"], saved["stale"]
+    log.info("resuming %s after epoch %d", run_dir, state.epoch)
+
+
+def train_epoch(
+    config: Config, state: TrainState, data: RunData, ctx: distributed.Dist, epoch: int, progress: bool
 ) -> float:
+    """One pass over the training split; returns the mean training loss across ranks."""
     t = config.train
     # Every random draw of an epoch derives from (seed, epoch, rank): resuming at an epoch boundary
     # replays exactly what an unbroken run would have done.
     torch.manual_seed(t.seed * 100_003 + epoch * 1_009 + ctx.rank)
     generator = torch.Generator().manual_seed(t.seed * 7_919 + epoch * 31 + ctx.rank)
     rows = data.splits["train"][epoch_order(len(data.splits["train"]), t.seed, epoch)]
-    wrapped.train()
-    total, count = 0.0, 0
+    state.wrapped.train()
+    # The loss is summed where it is computed and read back only when the bar refreshes.
+    total = torch.zeros((), dtype=torch.float32, device=ctx.device)
+    count = 0
     bar = tqdm(total=len(rows), desc=f"epoch {epoch + 1}/{t.epochs}", unit="img", disable=not progress, leave=False)
-    for batch in batches(rows, t.batch_size):
+    for step, batch in enumerate(batches(rows, t.batch_size)):
         if len(batch) < ctx.world:
             continue  # a tail too short to give every rank a row (same decision on every rank)
         # Each rank takes an interleaved share of the global batch and weighs its mean loss by its share,
         # so DDP's gradient average equals the gradient of the global batch's mean loss.
         chunk = batch[ctx.rank :: ctx.world]
-        x = _inputs(data, chunk, model).to(ctx.device)
+        x = _inputs(data, chunk, state.model).to(ctx.device)
         x = augment(x, t.augment, t.augment_strength, generator).contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(data.table.labels[chunk]).to(ctx.device)
-        loss = loss_fn(wrapped(x), y)
-        optimizer.zero_grad(set_to_none=True)
+        loss = state.loss_fn(state.wrapped(x), y)
+        state.optimizer.zero_grad(set_to_none=True)
         (loss * (len(chunk) * ctx.world / len(batch))).backward()
-        optimizer.step()
-        total += loss.item() * len(chunk)
+        state.optimizer.step()
+        total += loss.detach() * len(chunk)
         count += len(chunk)
         bar.update(len(batch))
-        bar.set_postfix(loss=f"{total / count:.4f}")
+        if progress and step % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{float(total) / count:.4f}")
     bar.close()
     return _mean_across_ranks(ctx, total, count)
 
 
-def _mean_across_ranks(ctx: distributed.Dist, total: float, count: int) -> float:
+def _mean_across_ranks(ctx: distributed.Dist, total: torch.Tensor, count: int) -> float:
+    sums = torch.stack([total.to(torch.float64), torch.tensor(float(count), dtype=torch.float64, device=total.device)])
     if ctx.enabled:
-        sums = torch.tensor([total, float(count)], dtype=torch.float64)
         torch.distributed.all_reduce(sums)
-        total, count = float(sums[0]), int(sums[1])
-    return total / max(count, 1)
+    return float(sums[0]) / max(float(sums[1]), 1.0)
 
 
 def _inputs(data: RunData, rows: np.ndarray, model: nn.Module) -> torch.Tensor:
@@ -372,26 +263,27 @@ def _inputs(data: RunData, rows: np.ndarray, model: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_rows(model: nn.Module, data: RunData, rows: np.ndarray, ctx: distributed.Dist, batch_size: int = 64):
-    """Logits for ``rows`` of the table, computed across ranks and gathered in order."""
+def predict_rows(
+    model: nn.Module, data: RunData, rows: np.ndarray, ctx: distributed.Dist, batch_size: int = 64
+) -> torch.Tensor:
+    """Logits for ``rows`` of the table, computed across ranks and gathered in order (on the run's device)."""
     model.eval()
     mine = shard(rows, ctx.rank, ctx.world)
     outputs = [
         model(_inputs(data, chunk, model).to(ctx.device).contiguous(memory_format=torch.channels_last)).float()
         for chunk in batches(mine, batch_size)
     ]
-    logits = torch.cat(outputs) if outputs else torch.empty(0, len(data.table.label_names))
-    return distributed.gather_rows(ctx, logits.cpu(), len(rows))
+    logits = torch.cat(outputs) if outputs else torch.empty(0, len(data.table.label_names), device=ctx.device)
+    return distributed.gather_rows(ctx, logits, len(rows))
 
 
-def _validate(
-    config: Config, model: nn.Module, loss_fn: nn.Module, data: RunData, ctx: distributed.Dist
-) -> dict[str, float]:
+def validate(state: TrainState, data: RunData, ctx: distributed.Dist) -> dict[str, float]:
+    """Validation loss, macro AUC and (multi-class) accuracy of the model as it is now."""
     rows = data.splits["val"]
-    logits = predict_rows(model, data, rows, ctx)
+    logits = predict_rows(state.model, data, rows, ctx)
     labels = data.table.labels[rows]
-    loss = float(loss_fn(logits, torch.from_numpy(labels)))
-    probs = probabilities(logits, data.table.task).numpy()
+    loss = float(state.loss_fn(logits, torch.from_numpy(labels).to(logits.device)))
+    probs = probabilities(logits, data.table.task).cpu().numpy()
     return {"val_loss": loss, **validation_scores(data.table.task, labels, probs)}
 
 
@@ -413,6 +305,23 @@ def validation_scores(task: str, labels: np.ndarray, probs: np.ndarray) -> dict[
     return {"val_auc": auc, "val_accuracy": accuracy}
 
 
+def record_epoch(
+    config: Config, state: TrainState, epoch: int, train_loss: float, scores: dict[str, float]
+) -> bool:
+    """Step the scheduler, note the epoch in the history, and say whether it is the best so far."""
+    metric = config.train.best_metric
+    lrs = [g["lr"] for g in state.optimizer.param_groups]  # the rate this epoch trained with
+    if isinstance(state.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        state.scheduler.step(scores[metric])
+    elif state.scheduler is not None:
+        state.scheduler.step()
+    improved = state.best is None or _better(scores[metric], state.best, metric)
+    state.best, state.stale = (scores[metric], 0) if improved else (state.best, state.stale + 1)
+    state.epoch = epoch
+    state.history.append({"epoch": epoch, "train_loss": train_loss, **scores, "lr": max(lrs)})
+    return improved
+
+
 def _better(value: float, best: float, metric: str) -> bool:
     if math.isnan(value):
         return False
@@ -421,111 +330,13 @@ def _better(value: float, best: float, metric: str) -> bool:
     return value < best if metric == "val_loss" else value > best
 
 
-def _step_scheduler(scheduler: Any, metric: float) -> None:
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(metric)
-    elif scheduler is not None:
-        scheduler.step()
-
-
-def _save_epoch(
-    run_dir: Path,
-    model: nn.Module,
-    manifest: dict[str, Any],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    history: list[dict[str, Any]],
-    best: float,
-    stale: int,
-    epoch: int,
-    improved: bool,
-    scores: dict[str, float],
+def save_epoch(
+    run_dir: Path, state: TrainState, manifest: dict[str, Any], scores: dict[str, float], improved: bool
 ) -> None:
-    state = {
-        "epoch": epoch,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "history": history,
-        "best": best,
-        "stale": stale,
-    }
-    described = {**manifest, "epoch": epoch, "metrics": scores}
+    """``best/`` (if improved), ``last/`` with the training state, then history.csv."""
+    described = {**manifest, "epoch": state.epoch, "metrics": scores}
     # best/ first: a crash between the two writes must never leave last/ ahead of a stale best/.
     if improved:
-        save_checkpoint(run_dir / "best", model, described)
-    save_checkpoint(run_dir / "last", model, described, training_state=state)
-    _write_history(run_dir / HISTORY_FILE, history)
-
-
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    write_atomic(path, pd.DataFrame(history).to_csv(index=False))
-
-
-def _resume_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict | None:
-    last = run_dir / "last"
-    if not last.exists() and (run_dir / "last.old").exists():
-        last = run_dir / "last.old"
-    if not last.exists():
-        log.info("nothing to resume in %s: starting from epoch 0", run_dir)
-        return None
-    model.load_state_dict(load_weights(last))
-    state = load_training_state(last)
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    log.info("resuming %s after epoch %d", run_dir, state["epoch"])
-    return state
-
-
-def _calibrate_best(config: Config, run_dir: Path, data: RunData) -> np.ndarray:
-    """Temperature and operating thresholds fitted on the validation split, stored in best/; returns best/'s
-    validation probabilities at that temperature.
-
-    Multi-label runs also store each label's validation sensitivity and specificity at its threshold
-    (``operating_points``), which per-study reports quote beside every finding.
-    """
-    from medlens.evaluation.metrics import fit_temperature, multilabel_metrics
-
-    model = build_model(config, len(data.table.label_names))
-    model.load_state_dict(load_weights(run_dir / "best"))
-    rows = data.splits["val"]
-    logits = predict_rows(model, data, rows, distributed.Dist()).numpy()
-    labels = data.table.labels[rows]
-    task = data.table.task
-    temperature = float(fit_temperature(logits, labels, task))
-    probs = probabilities(torch.from_numpy(logits), task, temperature).numpy()
-    thresholds = operating_thresholds(labels, probs, config.train.threshold_method)
-    fields: dict[str, Any] = {"temperature": temperature, "thresholds": thresholds}
-    if task == "multilabel":
-        per_class = multilabel_metrics(labels, probs, data.table.label_names, thresholds)["per_class"]
-        fields["operating_points"] = operating_points(per_class)
-    update_manifest(run_dir / "best", **fields)
-    return probs
-
-
-def operating_thresholds(labels: np.ndarray, probs: np.ndarray, method: str) -> list[float]:
-    """One threshold per output chosen on ``labels`` and ``probs`` by ``method``; 0.5 where none can be."""
-    from medlens.evaluation.metrics import choose_thresholds
-
-    return [0.5 if t is None else float(t) for t in choose_thresholds(labels, probs, method=method)]
-
-
-def operating_points(per_class: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each label's sensitivity, specificity and counts at its threshold, as best/'s manifest stores them."""
-    return {name: {key: point[key] for key in OPERATING_POINT_KEYS} for name, point in per_class.items()}
-
-
-PARITY_IMAGES = 32
-
-
-def export_trained(folder: Path, table: RecordTable, rows: np.ndarray) -> None:
-    """``folder`` exported to ONNX and raced against torch, parity checked on up to 32 images of ``rows``."""
-    from medlens.export import export_or_warn
-
-    export_or_warn(folder, [table.root / path for path in table.frame["path"].iloc[rows[:PARITY_IMAGES]]])
-
-
-def _plot_history(run_dir: Path) -> None:
-    from medlens.evaluation.plots import plot_history
-
-    plot_history(pd.read_csv(run_dir / HISTORY_FILE), run_dir / "curves.png")
+        save_checkpoint(run_dir / BEST_DIR, state.model, described)
+    save_checkpoint(run_dir / LAST_DIR, state.model, described, training_state=state.saved())
+    write_atomic(run_dir / HISTORY_FILE, pd.DataFrame(state.history).to_csv(index=False))

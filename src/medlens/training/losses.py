@@ -56,9 +56,3 @@ def make_loss(
         return MaskedWeightedBCE(torch.from_numpy(2 * pos), torch.from_numpy(2 * neg))
     weight = torch.from_numpy(class_weights(train_labels)) if use_class_weights else None
     return SoftTargetCrossEntropy(weight, label_smoothing)
-
-
-def probabilities(logits: torch.Tensor, task: str, temperature: float = 1.0) -> torch.Tensor:
-    """Logits -> probabilities: independent sigmoids (multi-label) or a softmax (multi-class)."""
-    scaled = logits / temperature
-    return torch.sigmoid(scaled) if task == "multilabel" else torch.softmax(scaled, dim=1)

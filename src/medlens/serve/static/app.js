@@ -46,7 +46,7 @@ async function loadModel() {
     const m = state.model;
     $("model-name").textContent = `${m.card.name} · ${m.task} · ${m.labels.length} labels`;
     $("drop-text").textContent =
-      m.kind === "face-embedding"
+      m.inputs === "face-photo"
         ? "Choose or drop a photo of a face (PNG or JPEG)"
         : "Choose or drop a chest X-ray (PNG, JPEG or DICOM)";
     showError("");
@@ -213,8 +213,8 @@ function showView() {
   $("heatmap").hidden = !heatmap;
   $("preview").hidden = Boolean(heatmap) || !state.previewUrl;
   if (heatmap) $("heatmap").src = `data:image/png;base64,${heatmap.png_base64}`;
-  // The jet scale of the CAM overlays; face models draw their own occlusion chart.
-  $("legend").hidden = !heatmap || !state.model || state.model.kind !== "classifier";
+  // The jet scale of the CAM overlays; occlusion maps (face models) draw their own chart.
+  $("legend").hidden = !heatmap || heatmap.method === "occlusion";
   $("view-caption").textContent = heatmap ? `${heatmap.method} heatmap:` : "The image as uploaded.";
   const buttons = [...state.heatmaps.keys()].map((label) => choiceButton(label, label === state.shown));
   if (state.heatmaps.size && state.previewUrl) buttons.push(choiceButton("original", !heatmap, null));

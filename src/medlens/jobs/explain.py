@@ -18,16 +18,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from medlens.data.readers import IMAGE_SUFFIXES
+from medlens.data.files import image_files
 from medlens.data.records import read_nih_boxes
 from medlens.errors import ConfigError, DataSourceError
-from medlens.explain.cam import CamExplainer, cam_method
-from medlens.explain.overlay import overlay_figure
+from medlens.explain.cam import cam_method
+from medlens.explain.overlay import heatmap_png, overlay_figure
 from medlens.explain.scores import Box, FindingScore, box_region, localize, summarize
-from medlens.inference import Predictor
+from medlens.inference import OCCLUSION, Model, load_model
+from medlens.io import write_atomic
+from medlens.runs import PHANTOMS_DIR, SPLITS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -50,59 +51,74 @@ def explain_images(
     checkpoint: str | Path,
     images: Iterable[str | Path],
     out: str | Path,
-    method: str = "gradcam",
+    method: str | None = None,
     labels: Sequence[str] | None = None,
     boxes: str | Path | None = None,
     tolerance: float = 0.0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Explain ``images`` (files, or folders of images) into ``out``; score against ``boxes`` if given.
+    """Explain ``images`` (files, folders of images, data CSVs) into ``out``; score against ``boxes`` if given.
 
-    Writes ``<stem>__<finding>.png`` (overlay, colour bar, caption), ``<stem>__<finding>.npy`` (the map at
-    the model's input size) and ``index.html``; with ``boxes`` (an NIH ``BBox_List_2017.csv``, which the
-    phantom folder also holds) also ``scores.json``, with the pointing game's ``tolerance`` in original
-    pixels. Returns what was written and, with boxes, the
-    per-finding summary of :func:`medlens.explain.scores.summarize` under ``"scores"``.
+    ``method``: one of the model's heatmap methods (default its first: Grad-CAM for networks, occlusion for
+    probes). Writes ``<stem>__<finding>.png`` (overlay, colour bar, caption), ``<stem>__<finding>.npy`` (the
+    map in the image's frame: a CAM over the image, an occlusion map over a face's aligned chip) and
+    ``index.html``; with ``boxes`` (an NIH ``BBox_List_2017.csv``, which the phantom folder also holds) also
+    ``scores.json``, with the pointing game's ``tolerance`` in original pixels. Returns what was written and,
+    with boxes, the per-finding summary of :func:`medlens.explain.scores.summarize` under ``"scores"``.
     """
-    cam_method(method)
-    predictor = Predictor.from_checkpoint(checkpoint)
+    if method is not None and method != OCCLUSION:
+        cam_method(method)
+    model = load_model(checkpoint)
+    method = method or model.cam_methods[0]
+    if method not in model.cam_methods:
+        raise ConfigError(f"heatmap method {method!r} does not apply to this model; choose one of {model.cam_methods}")
     paths = image_files(images)
-    asked = _check_labels(labels or [], predictor)
+    asked = _check_labels(labels or [], model)
     boxed = _boxes_by_image(boxes) if boxes is not None else {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     explained: list[ExplainedMap] = []
     scores: list[FindingScore] = []
     stems: set[str] = set()
-    with CamExplainer(predictor.model, method) as explainer:
+    try:
         for path in tqdm(paths, desc=f"explaining ({method})", unit="img", disable=not progress):
-            pixels = predictor.read(path)
-            x, probs = _predict(predictor, pixels)
-            truth = _known_boxes(boxed.get(path.name, {}), predictor, path.name)
+            pixels = model.read(path)
+            prepared = model.prepare(pixels)
+            probs = model.probabilities(model.logits([prepared]).values)[0]
+            if not np.isfinite(probs).all():
+                log.warning("%s: no heatmap (the model gives no answer for it)", path)
+                continue
+            truth = _known_boxes(boxed.get(path.name, {}), model, path.name)
             stem = unique_stem(path.stem, stems)
-            for finding in asked or list(truth) or _default_findings(predictor, probs):
-                j = predictor.labels.index(finding)
-                probability = float(probs[j])
-                heatmap = predictor.heatmap_in_image(explainer(x, j), pixels)
+            findings = asked or list(truth) or _default_findings(model, probs)
+            maps = model.heatmaps(pixels, [model.labels.index(f) for f in findings], method, prepared)
+            for finding, heatmap in zip(findings, maps, strict=True):
+                probability = float(probs[model.labels.index(finding)])
                 name = f"{stem}__{_slug(finding)}"
-                np.save(out / f"{name}.npy", heatmap)
-                overlay_figure(pixels, heatmap, f"{finding}  p = {probability:.2f}  ({method})", out / f"{name}.png")
+                np.save(out / f"{name}.npy", heatmap.map)
+                caption = f"{finding}  p = {probability:.2f}  ({method})"
+                if heatmap.marks is None:
+                    overlay_figure(pixels, heatmap.map, caption, out / f"{name}.png")
+                else:
+                    write_atomic(out / f"{name}.png", heatmap_png(heatmap.map, heatmap.backdrop, heatmap.marks))
                 explained.append(ExplainedMap(path.name, finding, probability, f"{name}.png", f"{name}.npy"))
                 if finding in truth:
                     region = box_region(truth[finding], pixels.shape)
-                    found = localize(heatmap, region, tolerance)
+                    found = localize(heatmap.map, region, tolerance)
                     scores.append(FindingScore(path.name, finding, probability, found.hit, found.energy))
+    finally:
+        model.close()
     summary = summarize(scores) if boxes is not None else None
     if summary is not None:
         payload = {
             "method": method,
-            "checkpoint": str(predictor.path),
+            "checkpoint": str(model.path),
             "boxes": str(boxes),
             "tolerance": tolerance,
             "summary": summary,
         }
         _write_json(out / SCORES_FILE, {**payload, "maps": [asdict(s) for s in scores]})
-    (out / INDEX_FILE).write_text(_index_html(explained, scores, method, str(predictor.path)))
+    (out / INDEX_FILE).write_text(_index_html(explained, scores, method, str(model.path)))
     return {
         "method": method,
         "n_images": len(paths),
@@ -120,7 +136,6 @@ def score_demo(run_dir: str | Path, method: str = "gradcam", tolerance: float = 
     (``run_dir/phantoms/masks``); ``tolerance`` is the pointing game's allowance in original pixels.
     """
     from medlens.data.phantoms import load_phantom_masks
-    from medlens.training.fit import SPLITS_FILE
 
     run_dir = Path(run_dir)
     splits_path = run_dir / SPLITS_FILE
@@ -130,50 +145,31 @@ def score_demo(run_dir: str | Path, method: str = "gradcam", tolerance: float = 
     test = splits.loc[splits["split"] == "test", "path"].tolist()
     if not test:
         raise DataSourceError(f"{splits_path} has no rows with split == test")
-    root = run_dir / "phantoms"
-    predictor = Predictor.from_checkpoint(run_dir)
+    root = run_dir / PHANTOMS_DIR
+    model = load_model(run_dir)
     scores: list[FindingScore] = []
-    with CamExplainer(predictor.model, method) as explainer:
+    try:
         for relative in test:
             name = Path(relative).name
-            pixels = predictor.read(root / relative)
-            x, probs = _predict(predictor, pixels)
-            for finding, mask in load_phantom_masks(root, name).items():
-                j = predictor.labels.index(finding)
-                found = localize(predictor.heatmap_in_image(explainer(x, j), pixels), mask, tolerance)
-                scores.append(FindingScore(name, finding, float(probs[j]), found.hit, found.energy))
+            pixels = model.read(root / relative)
+            prepared = model.prepare(pixels)
+            probs = model.probabilities(model.logits([prepared]).values)[0]
+            masks = load_phantom_masks(root, name)
+            maps = model.heatmaps(pixels, [model.labels.index(f) for f in masks], method, prepared)
+            for (finding, mask), heatmap in zip(masks.items(), maps, strict=True):
+                found = localize(heatmap.map, mask, tolerance)
+                probability = float(probs[model.labels.index(finding)])
+                scores.append(FindingScore(name, finding, probability, found.hit, found.energy))
+    finally:
+        model.close()
     return summarize(scores)
 
 
-def image_files(sources: Iterable[str | Path]) -> list[Path]:
-    """The image files named, with each folder replaced by the images directly inside it (sorted)."""
-    paths: list[Path] = []
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not inside:
-                raise DataSourceError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) directly inside")
-            paths += inside
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise DataSourceError(f"image {str(path)!r} does not exist")
-    if not paths:
-        raise DataSourceError("no images to explain: name image files or folders")
-    return paths
-
-
-def _predict(predictor: Predictor, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    x = predictor.to_tensor([pixels])
-    return x, predictor.probabilities(x)[0]
-
-
-def _default_findings(predictor: Predictor, probs: np.ndarray) -> list[str]:
+def _default_findings(predictor: Model, probs: np.ndarray) -> list[str]:
     return predictor.positives(probs) or [predictor.labels[int(np.argmax(probs))]]
 
 
-def _check_labels(labels: Sequence[str], predictor: Predictor) -> list[str]:
+def _check_labels(labels: Sequence[str], predictor: Model) -> list[str]:
     unknown = [label for label in labels if label not in predictor.labels]
     if unknown:
         raise ConfigError(f"unknown label(s) {unknown}; this checkpoint knows {', '.join(predictor.labels)}")
@@ -189,7 +185,7 @@ def _boxes_by_image(csv_path: str | Path) -> dict[str, dict[str, list[Box]]]:
     return found
 
 
-def _known_boxes(boxes: dict[str, list[Box]], predictor: Predictor, image: str) -> dict[str, list[Box]]:
+def _known_boxes(boxes: dict[str, list[Box]], predictor: Model, image: str) -> dict[str, list[Box]]:
     unknown = sorted(set(boxes) - set(predictor.labels))
     if unknown:
         log.warning("%s: boxed finding(s) %s are not labels of this checkpoint; not scored", image, unknown)

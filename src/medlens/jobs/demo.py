@@ -21,9 +21,9 @@ POINTING_TOLERANCE = 15.0
 def run_demo(out: str | Path, config_path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train the demo config into ``out/run`` (resuming a broken run), evaluate and explain its test split."""
     from medlens.config import load_config
-    from medlens.evaluation.evaluate import evaluate, format_metrics
-    from medlens.explain.run import score_demo
-    from medlens.training.fit import train
+    from medlens.jobs.evaluate import evaluate, format_metrics
+    from medlens.jobs.explain import score_demo
+    from medlens.jobs.train import train
 
     path = Path(config_path) if config_path is not None else DEFAULT_CONFIG
     if not path.is_file():

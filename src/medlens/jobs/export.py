@@ -25,10 +25,11 @@ import onnxruntime
 import torch
 
 from medlens.backends import ONNX_FILE, OnnxRunner
+from medlens.data.files import image_files
 from medlens.errors import CheckpointError, ConfigError
-from medlens.inference import Predictor
+from medlens.inference import NetworkModel, load_model
 from medlens.io import file_sha256
-from medlens.training.checkpoint import WEIGHTS, update_manifest
+from medlens.models.checkpoint import WEIGHTS, update_manifest
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,11 @@ def export_onnx(
     """Export, check parity on ``images`` (else a generated batch), time both backends, record the result."""
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is not supported: choose {MIN_OPSET} or later (default {OPSET})")
-    predictor = Predictor.from_checkpoint(checkpoint, backend="torch")
+    predictor: NetworkModel = load_model(checkpoint, backend="torch")  # type: ignore[assignment]
+    if predictor.network is None:
+        raise ConfigError(
+            f"{checkpoint} is a {predictor.kind} checkpoint ({predictor.description}): only networks export to ONNX"
+        )
     folder = Path(predictor.path)  # type: ignore[arg-type]
     tmp = folder / f".{ONNX_FILE}.tmp"
     try:
@@ -72,7 +77,7 @@ def export_onnx(
         runner = OnnxRunner(tmp)
         x, source = _parity_batch(predictor, images)
         with torch.no_grad():
-            diff = float((runner(x) - predictor.logits(x)).abs().max())
+            diff = float((runner(x) - predictor.forward(x)).abs().max())
         if not diff <= PARITY_TOLERANCE:
             raise CheckpointError(
                 f"the ONNX graph's logits differ from torch's by up to {diff:.2e} on {len(x)} {source} images "
@@ -131,9 +136,9 @@ def export_or_warn(checkpoint: str | Path, images: Sequence[str | Path] = ()) ->
     return report
 
 
-def _export(predictor: Predictor, out: Path, opset: int) -> str:
+def _export(predictor: NetworkModel, out: Path, opset: int) -> str:
     """Write the graph with the dynamo exporter, or the TorchScript one where dynamo fails; says which."""
-    model = copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format).eval()
+    model = copy.deepcopy(predictor.network).to(memory_format=torch.contiguous_format).eval()
     example = (torch.zeros(2, predictor.channels, predictor.image_size, predictor.image_size),)
     names = {"input_names": ["image"], "output_names": ["logits"]}
     try:
@@ -165,12 +170,10 @@ def _export(predictor: Predictor, out: Path, opset: int) -> str:
     return "torchscript"
 
 
-def _parity_batch(predictor: Predictor, images: Sequence[str | Path]) -> tuple[torch.Tensor, str]:
+def _parity_batch(predictor: NetworkModel, images: Sequence[str | Path]) -> tuple[torch.Tensor, str]:
     """The model inputs parity is checked on: up to 32 of ``images``, else 8 generated ones."""
     if images:
-        from medlens.predict import collect_images
-
-        paths = collect_images(images)[:32]
+        paths = image_files(images)[:32]
         return predictor.to_tensor([predictor.read(p) for p in paths]), "real"
     rng = np.random.default_rng(0)
     side, channels = predictor.image_size, predictor.channels
@@ -178,11 +181,11 @@ def _parity_batch(predictor: Predictor, images: Sequence[str | Path]) -> tuple[t
     return predictor.prepared_tensor(list(rng.integers(0, 256, shape, dtype=np.uint8))), "generated"
 
 
-def _race(predictor: Predictor, runner: OnnxRunner, batch_size: int, repeats: int) -> tuple[float, float]:
+def _race(predictor: NetworkModel, runner: OnnxRunner, batch_size: int, repeats: int) -> tuple[float, float]:
     """Median images/s of torch and of ONNX Runtime on one batch, timed alternately after a warm-up."""
     side, channels = predictor.image_size, predictor.channels
     x = torch.rand(batch_size, channels, side, side).contiguous(memory_format=torch.channels_last)
-    calls: tuple[Callable[[], object], Callable[[], object]] = (lambda: predictor.model(x), lambda: runner(x))
+    calls: tuple[Callable[[], object], Callable[[], object]] = (lambda: predictor.network(x), lambda: runner(x))
     seconds: tuple[list[float], list[float]] = ([], [])
     with torch.no_grad():
         for round_ in range(repeats + 1):

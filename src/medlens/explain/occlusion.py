@@ -1,60 +1,66 @@
-"""Which parts of the aligned face a prediction rests on: occlusion sensitivity, for any head.
+"""Which parts of an image a prediction rests on: occlusion sensitivity, for any model that scores images.
 
-A grey patch slides over the chip; each occluded chip is re-embedded and the head's probability of the
-target class read again. A pixel's value is the mean drop in that probability over the patches covering it:
-positive where hiding the region hurts the prediction, negative where hiding it helps. Only the head's
-``predict_proba`` is used, so every head (or a scikit-learn pipeline over embeddings) is explained alike.
+A grey patch slides over the image (for a face model, its aligned chip); each occluded copy is scored again
+and the probability of the target class read. A pixel's value is the mean drop in that probability over the
+patches covering it: positive where hiding the region hurts the prediction, negative where hiding it helps.
+Only the model's probabilities of whole images are used, so every head over embeddings (or any model)
+is explained alike.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medlens.faces.embed import embed_chips
-from medlens.faces.heads import ProbabilityModel
+from medlens.errors import ConfigError
 
 GREY = 128
+
+Scorer = Callable[[list[np.ndarray]], np.ndarray]
+"""Images (uint8, all of one shape) -> class probabilities, N x K."""
 
 
 @dataclass
 class OcclusionMap:
-    """An occlusion-sensitivity map over one chip."""
+    """An occlusion-sensitivity map over one image."""
 
     heatmap: np.ndarray
-    """float32, the chip's height x width: mean drop of the target probability (see the module docstring)."""
+    """float32, the image's height x width: mean drop of the target probability (see the module docstring)."""
     target: int
-    """The explained class, as a column of the head's probabilities."""
+    """The explained class, as a column of the probabilities."""
     probability: float
-    """The target's probability on the unoccluded chip."""
+    """The target's probability on the unoccluded image."""
     patch_size: int
     stride: int
 
 
 def occlusion_map(
-    chip: np.ndarray,
-    head: ProbabilityModel,
+    image: np.ndarray,
+    score: Scorer,
     target: int | None = None,
     *,
     patch_size: int = 30,
     stride: int = 15,
     fill: int = GREY,
 ) -> OcclusionMap:
-    """Slide a ``patch_size`` square of ``fill`` grey over the chip by ``stride`` (default target: the top class).
+    """Slide a ``patch_size`` square of ``fill`` grey over ``image`` by ``stride`` and ``score`` every copy
+    (default target: the top class).
 
-    Costs one embedding per patch position: (1 + (150 - 30) / 15) ** 2 = 81 at the defaults, ~5 s on CPU.
+    Costs one scoring per patch position: for a 150 px face chip (1 + (150 - 30) / 15) ** 2 = 81 at the
+    defaults, ~5 s of dlib embeddings on CPU.
     """
-    chip = np.asarray(chip, dtype=np.uint8)
+    chip = np.asarray(image, dtype=np.uint8)
     height, width = chip.shape[:2]
     if not 1 <= patch_size <= min(height, width):
-        raise ValueError(f"patch_size must be between 1 and the chip side {min(height, width)}, got {patch_size}")
+        side = min(height, width)
+        raise ConfigError(f"the occlusion patch_size must be between 1 and the image side {side}, got {patch_size}")
     if stride < 1:
-        raise ValueError(f"stride must be at least 1 pixel, got {stride}")
-    unoccluded = head.predict_proba(embed_chips([chip]))[0]
+        raise ConfigError(f"the occlusion stride must be at least 1 pixel, got {stride}")
+    unoccluded = score([chip])[0]
     target = int(np.argmax(unoccluded)) if target is None else target
     if not 0 <= target < len(unoccluded):
         raise ValueError(f"target must be a class column in 0..{len(unoccluded) - 1}, got {target}")
@@ -66,7 +72,7 @@ def occlusion_map(
         covered = chip.copy()
         covered[top : top + patch_size, left : left + patch_size] = fill
         occluded.append(covered)
-    drops = unoccluded[target] - head.predict_proba(embed_chips(occluded))[:, target]
+    drops = unoccluded[target] - score(occluded)[:, target]
     total = np.zeros((height, width), dtype=np.float64)
     count = np.zeros((height, width), dtype=np.int64)
     for (top, left), drop in zip(corners, drops, strict=True):

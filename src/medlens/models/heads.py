@@ -28,10 +28,10 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 
-from medlens.errors import CheckpointError, ConfigError, MedlensError
+from medlens.errors import CheckpointError, ConfigError, DataSourceError, MedlensError
 from medlens.evaluation.metrics import apply_temperature, fit_temperature
 from medlens.faces.embed import unit_rows
-from medlens.training.checkpoint import load_weights, read_manifest, save_checkpoint
+from medlens.models.checkpoint import load_weights, read_manifest, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class _EmbeddingHead:
             raise ValueError(f"y must hold one label per embedding ({len(x)}), got shape {labels.shape}")
         classes, codes = np.unique(labels, return_inverse=True)
         if len(classes) < 2:
-            raise ValueError(f"a head needs at least 2 classes to tell apart, got {classes.tolist()}")
+            raise DataSourceError(f"a head needs at least 2 classes to tell apart, got {classes.tolist()}")
         # Embedding matrices are small: threads only contend for the cores (10x slower on a busy 2-core box).
         with threadpool_limits(limits=1):
             temperature = self._out_of_fold_temperature(x, codes, len(classes))
@@ -295,7 +295,7 @@ def top_k(proba: Any, k: int, classes: Sequence[Any] | None = None) -> list[list
     """
     p = np.atleast_2d(np.asarray(proba, dtype=np.float64))
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise ConfigError(f"top-k needs k of at least 1, got {k}")
     names = list(classes) if classes is not None else list(range(p.shape[1]))
     if len(names) != p.shape[1]:
         raise ValueError(f"{len(names)} class names for {p.shape[1]} probability columns")

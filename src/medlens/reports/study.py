@@ -2,7 +2,7 @@
 
 Nothing is invented: every number comes from the checkpoint (thresholds, validation operating points, the
 model card) or from this image (probabilities, the X-ray guard, heatmap peaks); the sentences are fixed
-templates over those numbers. :mod:`medlens.explain.study_report` renders a :class:`Study` as HTML.
+templates over those numbers. :mod:`medlens.reports.study_page` renders a :class:`Study` as HTML.
 
 Where a heatmap points is said by zone: the image is cut into thirds each way, and the zone is the
 vertical third (upper, middle, lower) and the horizontal third (left, central, right) holding the map's
@@ -17,19 +17,15 @@ import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from medlens.data.readers import DEFAULT_MAX_PIXELS, load_image
-from medlens.explain.cam import CamExplainer
-from medlens.explain.overlay import overlay_png
+from medlens.explain.overlay import heatmap_png
+from medlens.inference import NOT_RECORDED, Heatmap, Model, Problem, model_card
 from medlens.ood import OodResult, assess_upload
-
-if TYPE_CHECKING:
-    from medlens.faces.pipeline import FacePredictor
-    from medlens.inference import Predictor
 
 VERTICAL = ("upper", "middle", "lower")
 HORIZONTAL = ("left", "central", "right")
@@ -46,7 +42,6 @@ GENETICIST_NOTE = (
     "This is a ranking of syndromes whose facial features the photo resembles, to discuss with a clinical "
     "geneticist; it is not a diagnosis."
 )
-NOT_RECORDED = "not recorded"
 
 
 @dataclass(frozen=True)
@@ -113,8 +108,8 @@ class FindingFacts:
 class Study:
     """Everything one report says, all measured; ``findings`` are ranked, most probable first."""
 
-    kind: str
-    """``classifier`` or ``face-embedding``."""
+    inputs: str
+    """What the model was made for: ``chest-xray``, ``face-photo`` or ``image``."""
     task: str
     findings: list[FindingFacts]
     image_png: bytes
@@ -122,8 +117,8 @@ class Study:
     method: str
     view: str | None = None
     ood: OodResult | None = None
-    no_face: str | None = None
-    """Why a face model could not rank anything (no face found); None when it could."""
+    no_answer: Problem | None = None
+    """Why the model could not answer (a face model: no face found); None when it could."""
     patient_label: str | None = None
     written: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -133,8 +128,8 @@ class Study:
 
     @property
     def findings_shown(self) -> bool:
-        """False when the X-ray guard flagged the image or no face was found: then findings are withheld."""
-        return not (self.ood is not None and self.ood.flag) and self.no_face is None
+        """False when the X-ray guard flagged the image or the model could not answer: findings are withheld."""
+        return not (self.ood is not None and self.ood.flag) and self.no_answer is None
 
 
 # ---------------------------------------------------------------------------------------------- sentences
@@ -154,8 +149,8 @@ def finding_sentence(finding: FindingFacts, view: str | None, task: str) -> str:
 
 def summary_sentences(study: Study) -> list[tuple[str | None, str]]:
     """What the report says first, in order: (the finding a sentence is about, or None; the sentence)."""
-    if study.no_face is not None:
-        return [(None, f"No finding can be given: {study.no_face}.")]
+    if study.no_answer is not None:
+        return [(None, f"No finding can be given: {study.no_answer.detail}.")]
     if study.ood is not None and study.ood.flag:
         return [
             (None, f"This image does not look like a chest X-ray: {'; '.join(study.ood.reasons)}."),
@@ -164,7 +159,7 @@ def summary_sentences(study: Study) -> list[tuple[str | None, str]]:
                 "The model's findings are not shown: it was not made for such images, so they would not be reliable.",
             ),
         ]
-    if study.kind == "face-embedding":
+    if study.inputs == "face-photo":
         ranked = ", ".join(f"{f.label} ({f.probability:.2f})" for f in study.findings[:FACE_TOP_K])
         return [
             (None, f"The {FACE_TOP_K} most similar syndromes, most probable first: {ranked}."),
@@ -201,141 +196,95 @@ def validation_text(point: ValidationPoint | None) -> str:
 # ---------------------------------------------------------------------------------------------- facts
 
 
-def classifier_study(
-    predictor: Predictor,
-    explainer: CamExplainer,
+def study_of(
+    model: Model,
     data: bytes,
     *,
     view: str | None = None,
     patient_label: str | None = None,
-    xray_guard: bool = True,
     name: str = "image",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    method: str | None = None,
+    xray_guard: bool | None = None,
 ) -> Study:
-    """Read, check, predict and explain one image file's ``data`` through an image checkpoint.
+    """Read, check, predict and explain one image file's ``data`` through any checkpoint.
 
-    Heatmaps are drawn for the positive findings (multi-class: the predicted class), none when the X-ray
-    guard flags the image. A DICOM's ViewPosition wins over ``view`` (the view of images that do not say).
-    ``explainer`` must hook a model no other thread runs meanwhile: its hooks see every forward pass.
+    Heatmaps (``method``, default the model's first: Grad-CAM for networks, occlusion for probes) are drawn
+    for the positive findings (multi-class: the predicted class), none when the X-ray guard flags the image
+    (it applies to models of chest X-rays). A DICOM's ViewPosition wins over ``view`` (the view of images
+    that do not say). An image the model cannot answer for (a photo without a face) gets a study that says
+    why and holds no findings. ``xray_guard``: None applies the guard as the model's inputs say.
     """
-    loaded = load_image(data, channels=predictor.channels, max_pixels=max_pixels, name=name)  # type: ignore[arg-type]
-    ood = None
-    if xray_guard:
-        ood = assess_upload(loaded, data)
+    loaded = load_image(data, channels=model.channels, max_pixels=max_pixels, name=name)  # type: ignore[arg-type]
+    guarded = model.inputs == "chest-xray" if xray_guard is None else xray_guard
+    ood = assess_upload(loaded, data) if guarded else None
     backdrop = _display_copy(loaded.pixels)
-    return Study(
-        kind="classifier",
-        task=predictor.task,
-        findings=_findings(predictor, explainer, loaded.pixels, backdrop, explain=not (ood and ood.flag)),
+    prepared = model.prepare(loaded.pixels)
+    scores = model.logits([prepared])
+    problem = scores.problems[0]
+    method = method or model.cam_methods[0]
+    study = Study(
+        inputs=model.inputs,
+        task=model.task,
+        findings=[],
         image_png=_png(backdrop),
-        model_card=model_card(predictor.manifest),
-        method=explainer.method,
+        model_card=model_card(model),
+        method=method,
         view=_view(loaded.dicom.get("ViewPosition")) or _view(view),
         ood=ood,
+        no_answer=problem,
         patient_label=patient_label,
     )
+    if problem is None:
+        explain = not (ood and ood.flag)
+        study.findings = _findings(model, loaded.pixels, prepared, scores.values, backdrop, method, explain)
+    return study
 
 
 def _findings(
-    predictor: Predictor, explainer: CamExplainer, pixels: np.ndarray, backdrop: np.ndarray, explain: bool
+    model: Model,
+    pixels: np.ndarray,
+    prepared: object,
+    logits: np.ndarray,
+    backdrop: np.ndarray,
+    method: str,
+    explain: bool,
 ) -> list[FindingFacts]:
-    """Every label, most probable first; with ``explain``, the positive ones with their heatmap over ``backdrop``."""
-    x = predictor.to_tensor([pixels])
-    probs = predictor.probabilities(x)[0]
-    positives = set(predictor.positives(probs))
-    points = operating_points(predictor.manifest)
+    """Every label, most probable first; with ``explain``, the positive ones with their heatmap."""
+    probs = model.probabilities(logits)[0]
+    positives = set(model.positives(probs))
+    order = [int(j) for j in np.argsort(-probs, kind="stable")]
+    shown = [j for j in order if explain and model.labels[j] in positives]
+    maps = {model.labels.index(h.label): h for h in model.heatmaps(pixels, shown, method, prepared)} if shown else {}
+    points = operating_points(model.manifest)
     findings = []
-    for j in np.argsort(-probs, kind="stable"):
-        label = predictor.labels[j]
-        heatmap = predictor.heatmap_in_image(explainer(x, int(j)), pixels) if explain and label in positives else None
+    for j in order:
+        label = model.labels[j]
+        heatmap = maps.get(j)
+        # A CAM covers the image, so its peak names a zone; an occlusion map covers the embedder's frame.
+        zone = heatmap_zone(heatmap.map) if heatmap is not None and heatmap.marks is None else None
         findings.append(
             FindingFacts(
                 label=label,
                 probability=float(probs[j]),
                 positive=label in positives,
-                threshold=None if predictor.task == "multiclass" else float(predictor.thresholds[j]),
+                threshold=None if model.task == "multiclass" else float(model.thresholds[j]),
                 validation=points.get(label),
-                zone=None if heatmap is None else heatmap_zone(heatmap),
-                heatmap_png=None if heatmap is None else overlay_png(backdrop, heatmap),
+                zone=zone,
+                heatmap_png=None if heatmap is None else _picture(heatmap, backdrop),
             )
         )
     return findings
 
 
-def face_study(
-    probabilities: Mapping[str, float],
-    occlusion_png: bytes | None,
-    pixels: np.ndarray,
-    manifest: Mapping[str, Any],
-    *,
-    no_face: str | None = None,
-    patient_label: str | None = None,
-) -> Study:
-    """A face checkpoint's ranking of one photo, with the occlusion map of its top class."""
-    ranked = sorted(probabilities.items(), key=lambda item: -item[1])
-    findings = [
-        FindingFacts(label, float(p), positive=rank == 0, heatmap_png=occlusion_png if rank == 0 else None)
-        for rank, (label, p) in enumerate(ranked)
-    ]
-    return Study(
-        kind="face-embedding",
-        task="multiclass",
-        findings=findings,
-        image_png=_png(_display_copy(pixels)),
-        model_card=model_card(manifest),
-        method="occlusion",
-        no_face=no_face,
-        patient_label=patient_label,
-    )
-
-
-def face_study_of(
-    predictor: FacePredictor,
-    data: bytes,
-    *,
-    patient_label: str | None = None,
-    name: str = "photo",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Study:
-    """Rank and explain one photo's ``data`` through a face checkpoint; a photo without a face says so."""
-    from medlens.faces.detect import NoFaceError
-
-    pixels = load_image(data, channels=3, max_pixels=max_pixels, name=name).pixels
-    try:
-        found = predictor.predict_image(pixels, k=FACE_TOP_K, name=name)
-        occlusion = predictor.explain(pixels, target=found.top_k[0][0], name=name)
-    except NoFaceError as exc:
-        problem = str(exc).removeprefix(f"{exc.source}: ")  # the file name may name the patient
-        return face_study({}, None, pixels, predictor.manifest, no_face=problem, patient_label=patient_label)
-    return face_study(found.probabilities, occlusion, pixels, predictor.manifest, patient_label=patient_label)
+def _picture(heatmap: Heatmap, backdrop: np.ndarray) -> bytes:
+    """A CAM over the display copy of the image; an occlusion map over the face chip it was computed on."""
+    return heatmap_png(heatmap.map, backdrop if heatmap.marks is None else heatmap.backdrop, heatmap.marks)
 
 
 def operating_points(manifest: Mapping[str, Any]) -> dict[str, ValidationPoint]:
     """Per label, the validation operating point the checkpoint recorded; {} for checkpoints without them."""
     return {label: ValidationPoint(**point) for label, point in (manifest.get("operating_points") or {}).items()}
-
-
-def model_card(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The model card in brief: what the model is, what it learned from, how well it did on validation."""
-    model = manifest.get("model", {})
-    data = manifest.get("data", {})
-    if manifest.get("kind") == "face-embedding":
-        name = f"{model.get('head', 'head')} head on {manifest.get('embedder', {}).get('name', '?')} face embeddings"
-    else:
-        name = f"{model.get('name', '?')} ({model.get('head', 'linear')} head)"
-    metrics = ", ".join(
-        f"{key} {value:.3f}"
-        for key, value in (manifest.get("metrics") or {}).items()
-        if isinstance(value, int | float) and np.isfinite(value)
-    )
-    labels = manifest.get("labels") or []
-    return [
-        ("model", name),
-        ("task", f"{manifest.get('task', '?')}, {len(labels)} labels" if labels else str(manifest.get("task", "?"))),
-        ("trained on", str(data.get("source", NOT_RECORDED))),
-        ("validation metrics", metrics or NOT_RECORDED),
-        ("checkpoint created", str(manifest.get("created", NOT_RECORDED))),
-    ]
 
 
 def _view(value: object) -> str | None:

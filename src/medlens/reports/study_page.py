@@ -1,4 +1,4 @@
-"""A :class:`~medlens.explain.study.Study` as one self-contained HTML page, and as PDF where Chromium is.
+"""A :class:`~medlens.reports.study.Study` as one self-contained HTML page, and as PDF where Chromium is.
 
 The page only displays what the study holds: inline CSS, the image and heatmaps as base64 PNG, no script
 and no external resource, so it can be mailed or archived alone. All text is HTML-escaped. PDFs are printed
@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medlens.evaluation.report import CSS, esc, figure_html, key_values, section_html
-from medlens.explain.study import (
+from medlens.io import write_atomic
+from medlens.reports.evaluation import CSS, esc, figure_html, key_values, section_html
+from medlens.reports.study import (
     FACE_TOP_K,
     RESEARCH_USE,
     FindingFacts,
@@ -24,7 +25,6 @@ from medlens.explain.study import (
     summary_sentences,
     validation_text,
 )
-from medlens.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,11 @@ def render_index(entries: Sequence[IndexEntry]) -> str:
 
 def brief(study: Study) -> str:
     """What a report says in a few words, for the index."""
-    if study.no_face is not None:
-        return "no face found"
+    if study.no_answer is not None:
+        return study.no_answer.summary
     if not study.findings_shown:
         return "not a chest X-ray: findings withheld"
-    if study.kind == "face-embedding" or study.task == "multiclass":
+    if study.inputs == "face-photo" or study.task == "multiclass":
         top = study.findings[0]
         return f"{top.label} ({top.probability:.2f})"
     return ", ".join(f"{f.label} ({f.probability:.2f})" for f in study.positives) or "no finding above threshold"
@@ -165,7 +165,7 @@ def _summary(study: Study) -> str:
     ]
     warning = not study.findings_shown
     body = f'<ul class="sentences{" warning" if warning else ""}">{"".join(items)}</ul>'
-    if study.kind != "classifier":
+    if study.inputs == "face-photo":
         return body
     view = f"View: {study.view}." if study.view else "View: not known, so sides are the image's only."
     return body + f'<p class="note">{esc(view)}</p>'
@@ -183,14 +183,14 @@ def _figures(study: Study) -> str:
 
 
 def _findings_title(study: Study) -> str:
-    if study.kind == "face-embedding":
+    if study.inputs == "face-photo":
         return f"The {FACE_TOP_K} most probable syndromes"
     return "All classes, ranked" if study.task == "multiclass" else "All findings"
 
 
 def _findings_table(study: Study) -> str:
-    if study.kind == "face-embedding" or study.task == "multiclass":
-        shown = study.findings[:FACE_TOP_K] if study.kind == "face-embedding" else study.findings
+    if study.inputs == "face-photo" or study.task == "multiclass":
+        shown = study.findings[:FACE_TOP_K] if study.inputs == "face-photo" else study.findings
         header = ["rank", "class", "probability"]
         rows = [(f, [str(rank), esc(f.label), f"{f.probability:.3f}"]) for rank, f in enumerate(shown, 1)]
     else:
@@ -219,7 +219,7 @@ def _multilabel_row(finding: FindingFacts, view: str | None) -> list[str]:
 
 
 def _reading_notes(study: Study) -> str:
-    if study.kind == "face-embedding":
+    if study.inputs == "face-photo":
         notes = [
             "Probabilities rank the classes the model was trained on; a syndrome it never saw cannot appear.",
             "The occlusion map shows where greying out part of the aligned face lowers the top class's "

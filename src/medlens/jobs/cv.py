@@ -11,7 +11,7 @@ split). A run folder holds:
 - ``fold{i}/``: an ordinary run folder (``best/``, ``last/``, ``history.csv``, its ``splits.csv``) plus
   ``oof.csv``, its best checkpoint's calibrated probabilities for its validation fold; ``oof.csv`` marks a
   finished fold, so ``--resume`` skips it (and continues an unfinished one from its ``last/``);
-- ``ensemble/``: the fold ensemble (:mod:`medlens.training.ensemble`), thresholds chosen on the pooled
+- ``ensemble/``: the fold ensemble (:mod:`medlens.models.ensemble`), thresholds chosen on the pooled
   out-of-fold predictions;
 - ``cv_metrics.json``: per-fold and pooled out-of-fold metrics in ``metrics.json`` format, and the mean and
   sd across folds of the headline metrics; ``cv_curves.png``: every fold's training curves.
@@ -38,21 +38,14 @@ from medlens.config import PHANTOMS, Config
 from medlens.data.records import RecordTable
 from medlens.data.splits import fold_splits, read_splits, write_splits
 from medlens.errors import ConfigError, MedlensError
+from medlens.evaluation.calibration import operating_points, operating_thresholds
 from medlens.io import write_atomic
-from medlens.runtime import apply_cpu_defaults
+from medlens.jobs.train import check_config, export_trained, train
+from medlens.models.checkpoint import read_manifest
+from medlens.models.ensemble import save_ensemble
+from medlens.runs import HISTORY_FILE, SPLITS_FILE
 from medlens.training import distributed
-from medlens.training.checkpoint import read_manifest
-from medlens.training.ensemble import save_ensemble
-from medlens.training.fit import (
-    HISTORY_FILE,
-    SPLITS_FILE,
-    RunData,
-    export_trained,
-    load_cached_table,
-    operating_points,
-    operating_thresholds,
-    train,
-)
+from medlens.training.data import RunData, load_cached_table
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +83,11 @@ def cross_validate(
 
     Returns what ``cv_metrics.json`` holds. ``n_resamples`` bootstrap resamples give each AUC its CI.
     """
-    apply_cpu_defaults()
+    if k < 2:
+        raise ConfigError(f"cross-validation needs --folds of at least 2, got {k}")
+    if config.model.strategy == "probe":
+        raise ConfigError("--folds cross-validates networks; a probe's head is regularised by cross-validation already")
+    check_config(config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--folds trains its folds one after another in one process: launch it without torchrun")
     run_dir = Path(run_dir)

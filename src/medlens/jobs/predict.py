@@ -12,55 +12,39 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from medlens.data.readers import IMAGE_SUFFIXES
-from medlens.data.records import load_source
+from medlens.data.files import image_files
+from medlens.data.records import is_csv, load_source
 from medlens.errors import DataSourceError, ImageReadError
-from medlens.inference import Predictor
-
-if TYPE_CHECKING:
-    from medlens.explain.study import Study
-    from medlens.faces.pipeline import FacePredictor
+from medlens.inference import Model
+from medlens.reports.study import Study
 
 log = logging.getLogger(__name__)
 
-
-def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files from files, folders (searched recursively) and data-source CSVs, in a stable order."""
-    found: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.name.lower().endswith((".csv", ".csv.gz")):
-            found += load_source(item).paths
-        elif item.exists():
-            found.append(item)
-        else:
-            raise DataSourceError(f"{item} does not exist")
-    return found
-
-
 def predict_to_csv(
-    predictor: Predictor,
+    predictor: Model,
     inputs: Sequence[str | Path],
     out: str | Path,
     batch_size: int = 32,
     workers: int = 2,
     progress: bool = True,
 ) -> int:
-    """Append a row per image (path, probabilities, positives, error) to ``out``; returns rows written."""
+    """Append a row per image to ``out``: path, probabilities, positives (multi-class also the top class),
+    what the model found beside its scores (``predictor.details``, e.g. a face model's ``n_faces``), and the
+    error (unreadable, no face, ...) where there is one; returns the rows written."""
     out = Path(out)
-    paths = collect_images(inputs)
+    paths = image_files(inputs)
     done = _done_paths(out)
     todo = [p for p in paths if str(p) not in done]
     if done:
         log.info("%s already holds %d rows: predicting the %d images left", out, len(done), len(todo))
-    columns = ["path", *(f"prob_{name}" for name in predictor.labels), "positives", "error"]
+    top = ["top_class"] if predictor.task == "multiclass" else []
+    columns = ["path", *(f"prob_{name}" for name in predictor.labels), "positives", *top, *predictor.details, "error"]
     fresh = not out.exists() or out.stat().st_size == 0
     written = 0
     with out.open("a", newline="") as handle, ThreadPoolExecutor(max_workers=workers) as pool:
@@ -69,15 +53,7 @@ def predict_to_csv(
             writer.writerow(columns)
         bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=not progress)
         for chunk, images in _prefetched(pool, predictor, todo, batch_size):
-            readable = [i for i, image in enumerate(images) if not isinstance(image, str)]
-            probs = predictor.predict_prepared([images[i] for i in readable]) if readable else np.zeros((0, 0))
-            rows = {i: p for i, p in zip(readable, probs, strict=True)}
-            for i, path in enumerate(chunk):
-                if i in rows:
-                    cells = [f"{p:.6f}" for p in rows[i]]
-                    writer.writerow([str(path), *cells, "|".join(predictor.positives(rows[i])), ""])
-                else:
-                    writer.writerow([str(path), *[""] * len(predictor.labels), "", images[i]])
+            writer.writerows(_rows(predictor, chunk, images, top))
             handle.flush()  # a killed job keeps every finished batch
             written += len(chunk)
             bar.update(len(chunk))
@@ -85,54 +61,51 @@ def predict_to_csv(
     return written
 
 
-def write_classifier_reports(
-    predictor: Predictor,
+def _rows(predictor: Model, chunk: list[Path], images: list[Any], top: list[str]) -> list[list[str]]:
+    """One CSV row per image of a batch; ``images`` holds prepared images, or the problem of unreadable ones."""
+    readable = [i for i, image in enumerate(images) if not isinstance(image, str)]
+    scores = predictor.logits([images[i] for i in readable]) if readable else None
+    answers = dict(zip(readable, range(len(readable)), strict=True))
+    rows = []
+    for i, path in enumerate(chunk):
+        blank = [""] * (len(predictor.labels) + 1 + len(top))
+        if i not in answers:
+            rows.append([str(path), *blank, *[""] * len(predictor.details), images[i]])
+            continue
+        k = answers[i]
+        details = [str(scores.details[k].get(name, "")) for name in predictor.details]  # type: ignore[union-attr]
+        problem = scores.problems[k]  # type: ignore[union-attr]
+        if problem is not None:
+            rows.append([str(path), *blank, *details, problem.summary])
+            continue
+        probs = predictor.probabilities(scores.values[k : k + 1])[0]  # type: ignore[union-attr]
+        positives = predictor.positives(probs)
+        named = [predictor.labels[int(np.argmax(probs))]] if top else []
+        rows.append([str(path), *(f"{p:.6f}" for p in probs), "|".join(positives), *named, *details, ""])
+    return rows
+
+
+def write_study_reports(
+    predictor: Model,
     inputs: Sequence[str | Path],
     out: str | Path,
     *,
-    method: str = "gradcam",
+    method: str | None = None,
     view: str | None = None,
     patient_label: str | None = None,
-    xray_guard: bool = True,
     pdf: bool = True,
     progress: bool = True,
 ) -> Path:
-    """A study report per image through an image checkpoint (see :func:`write_reports`); returns the index."""
-    from medlens.explain.cam import CamExplainer
-    from medlens.explain.study import classifier_study
+    """A study report per image through any checkpoint (see :func:`write_reports`); returns the index."""
+    from medlens.reports.study import study_of
 
-    with CamExplainer(predictor.model, method) as explainer:
+    def study(data: bytes, name: str, image_view: str | None) -> Study:
+        return study_of(predictor, data, name=name, view=image_view, patient_label=patient_label, method=method)
 
-        def study_of(data: bytes, name: str, image_view: str | None) -> Study:
-            return classifier_study(
-                predictor,
-                explainer,
-                data,
-                name=name,
-                view=image_view,
-                patient_label=patient_label,
-                xray_guard=xray_guard,
-            )
-
-        return write_reports(study_of, inputs, out, view=view, pdf=pdf, progress=progress)
-
-
-def write_face_reports(
-    predictor: FacePredictor,
-    inputs: Sequence[str | Path],
-    out: str | Path,
-    *,
-    patient_label: str | None = None,
-    pdf: bool = True,
-    progress: bool = True,
-) -> Path:
-    """A study report per photo through a face checkpoint (see :func:`write_reports`); returns the index."""
-    from medlens.explain.study import face_study_of
-
-    def study_of(data: bytes, name: str, image_view: str | None) -> Study:
-        return face_study_of(predictor, data, patient_label=patient_label, name=name)
-
-    return write_reports(study_of, inputs, out, pdf=pdf, progress=progress)
+    try:
+        return write_reports(study, inputs, out, view=view, pdf=pdf, progress=progress)
+    finally:
+        predictor.close()
 
 
 def write_reports(
@@ -149,13 +122,13 @@ def write_reports(
     ``study_of(data, name, view)`` gathers one image's facts; an image's view is the one its data-source
     record names, else ``view``. Unreadable images are listed in the index with the reason.
     """
-    from medlens.explain.run import unique_stem
-    from medlens.explain.study_report import INDEX_FILE, IndexEntry, brief, find_chromium, render_index, write_study
     from medlens.io import write_atomic
+    from medlens.jobs.explain import unique_stem
+    from medlens.reports.study_page import INDEX_FILE, IndexEntry, brief, find_chromium, render_index, write_study
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = collect_images(inputs)
+    paths = image_files(inputs)
     views = record_views(inputs)
     chromium = find_chromium() if pdf else None
     if pdf and chromium is None:
@@ -179,7 +152,7 @@ def record_views(inputs: Sequence[str | Path]) -> dict[Path, str]:
     """The view (PA, AP, ...) that data-source CSVs among ``inputs`` record for their images."""
     views: dict[Path, str] = {}
     for item in map(Path, inputs):
-        if item.is_file() and item.name.lower().endswith((".csv", ".csv.gz")):
+        if item.is_file() and is_csv(item):
             table = load_source(item)
             if "view" in table.frame:
                 views |= {p: str(v) for p, v in zip(table.paths, table.frame["view"], strict=True) if pd.notna(v)}
@@ -187,8 +160,8 @@ def record_views(inputs: Sequence[str | Path]) -> dict[Path, str]:
 
 
 def _prefetched(
-    pool: ThreadPoolExecutor, predictor: Predictor, paths: list[Path], batch_size: int
-) -> Iterator[tuple[list[Path], list[np.ndarray | str]]]:
+    pool: ThreadPoolExecutor, predictor: Model, paths: list[Path], batch_size: int
+) -> Iterator[tuple[list[Path], list[Any]]]:
     """Batches of decoded images, the next batch decoding while the caller computes on this one."""
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     pending: list[tuple[list[Path], list[Future]]] = []
@@ -202,9 +175,9 @@ def _prefetched(
         yield chunk, [f.result() for f in futures]
 
 
-def _read(predictor: Predictor, path: Path) -> np.ndarray | str:
+def _read(predictor: Model, path: Path) -> Any:
     try:
-        return predictor.preprocess(predictor.read(path))
+        return predictor.prepare(predictor.read(path))
     except ImageReadError as exc:
         return exc.problem
 

@@ -2,7 +2,7 @@
 
 An :class:`Ensemble` returns the logits of its members' mean probability (each member's logits divided by
 its own temperature first): multi-label ``logit(mean_i sigmoid(z_i / T_i))``, multi-class
-``log(mean_i softmax(z_i / T_i))``. So the usual ``probabilities(logits, task, 1.0)`` of a Predictor gives
+``log(mean_i softmax(z_i / T_i))``. So the usual ``probabilities(logits, task, 1.0)`` of a loaded model gives
 exactly the averaged probabilities, and evaluate, predict, explain and serve take it like any checkpoint.
 For CAMs it names every member's CAM layer: pytorch-grad-cam then averages the members' normalised maps.
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from medlens.errors import CheckpointError
-from medlens.training.checkpoint import load_weights, read_manifest, resolve_checkpoint, save_checkpoint
+from medlens.models.checkpoint import load_weights, read_manifest, resolve_checkpoint, save_checkpoint
 
 ENSEMBLE_KIND = "ensemble"
 SHARED_KEYS = ("task", "labels", "model", "preprocessing", "data", "config")

@@ -2,7 +2,9 @@
 
 Which images are scored: the whole SOURCE when it is not the data the run trained on; when it is (no
 ``--data``, the same source, or any of its images in the run's training or validation split), only the
-run's ``test`` split (or the split named), so a model is never scored on images it learned from.
+run's ``test`` split (or the split named), so a model is never scored on images it learned from. Images
+the model cannot answer for (a face model's photos without a face) are left out of the metrics, counted
+in ``n_left_out`` with the reason, and listed in predictions.csv with their problem.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ import pandas as pd
 
 from medlens.data.records import RecordTable, load_source
 from medlens.errors import DataSourceError
-from medlens.inference import Predictor
+from medlens.inference import Model, load_model
 from medlens.io import write_atomic
-from medlens.training.fit import HISTORY_FILE, SPLITS_FILE
-from medlens.training.losses import probabilities
+from medlens.runs import HISTORY_FILE, SPLITS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _root_of(source: Path) -> Path:
     return source if source.is_dir() else source.parent
 
 
-def evaluation_data(predictor: Predictor, source: str | Path | None, split: str | None) -> EvaluationData:
+def evaluation_data(predictor: Model, source: str | Path | None, split: str | None) -> EvaluationData:
     """The images to evaluate: the run's own ``split`` of its training data, or the whole other source."""
     trained = predictor.manifest["data"]
     trained_on = Path(trained["source"])
@@ -124,11 +125,16 @@ def evaluate(
     """Predict, then write predictions.csv, metrics.json and report.html in ``out``."""
     from medlens.evaluation.metrics import evaluate_predictions, reliability_curve, to_jsonable
 
-    predictor = Predictor.from_checkpoint(checkpoint)
+    predictor = load_model(checkpoint)
     data = evaluation_data(predictor, source, split)
-    table, task, temperature = data.table, predictor.task, predictor.temperature
-    logits = predictor.logits_paths(table.paths, progress=progress)
-    probs = probabilities(logits, task, temperature).numpy()
+    task, temperature = predictor.task, predictor.temperature
+    scores = predictor.logits_paths(data.table.paths, progress=progress)
+    answered = scores.answered
+    predictions = _predictions_frame(data.table, predictor.probabilities(scores.values), predictor.labels, scores)
+    table, logits = data.table.subset(np.flatnonzero(answered)), scores.values[answered]
+    if len(table) == 0:
+        raise DataSourceError(f"the model answered for none of the {len(answered)} images ({_reasons(scores)})")
+    probs = predictor.probabilities(logits)
     frame = table.frame
     metrics = evaluate_predictions(
         task,
@@ -141,10 +147,12 @@ def evaluate(
         frame=frame,
         subgroup_columns=[c for c in SUBGROUP_COLUMNS if c in frame.columns],
     )
-    raw = reliability_curve(table.labels, probabilities(logits, task, 1.0).numpy(), task)
+    raw = reliability_curve(table.labels, predictor.probabilities(logits, 1.0), task)
     metrics["calibration"] = to_jsonable({"temperature": temperature, "ece_t1": raw.ece, "ece": metrics["ece"]})
     metrics["evaluated_on"] = {**data.describe(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
-    predictions = _predictions_frame(table, probs, predictor.labels)
+    metrics["n_left_out"] = int((~answered).sum())
+    metrics["left_out_because"] = _reasons(scores) if metrics["n_left_out"] else None
+    data = EvaluationData(table, data.source, data.split, data.note)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "predictions.csv", predictions.to_csv(index=False))
@@ -156,9 +164,14 @@ def evaluate(
     return Evaluation(metrics, predictions, table, probs, report)
 
 
+def _reasons(scores: Any) -> str:
+    """The distinct reasons the model gave no answer, e.g. ``no face``."""
+    return ", ".join(sorted({p.code.replace("_", " ") for p in scores.problems if p is not None})) or "none"
+
+
 def _write_report(
     out: Path,
-    predictor: Predictor,
+    predictor: Model,
     data: EvaluationData,
     metrics: dict[str, Any],
     probs: np.ndarray,
@@ -167,12 +180,12 @@ def _write_report(
 ) -> Path:
     from medlens.evaluation.curves import pr_curves, roc_curves
     from medlens.evaluation.plots import plot_samples
-    from medlens.evaluation.report import ReportInputs, write_report
+    from medlens.reports.evaluation import ReportInputs, write_report
 
     table, task, labels = data.table, predictor.task, predictor.labels
     calls, usable, right = call_outcomes(task, table.labels, probs, predictor.thresholds)
     rows = choose_samples(usable, right)
-    images = [predictor.preprocess(predictor.read(table.paths[i])) for i in rows]
+    images = [predictor.prepare(predictor.read(table.paths[i])) for i in rows]
     captions = [_caption(labels, table.labels[i], probs[i], calls[i]) for i in rows]
     history_file = predictor.path.parent / HISTORY_FILE if predictor.path is not None else None
     inputs = ReportInputs(
@@ -226,12 +239,13 @@ def _caption(labels: Sequence[str], truth: np.ndarray, probs: np.ndarray, calls:
     return f"true: {_names(truth_names)}\npred: {_names(called)}"
 
 
-def _predictions_frame(table: RecordTable, probs: np.ndarray, labels: list[str]) -> pd.DataFrame:
+def _predictions_frame(table: RecordTable, probs: np.ndarray, labels: list[str], scores: Any) -> pd.DataFrame:
     frame = pd.DataFrame({"path": table.frame["path"].astype(str), "patient_id": table.patient_ids})
     for j, name in enumerate(labels):
         frame[f"true_{name}"] = table.labels[:, j]
     for j, name in enumerate(labels):
         frame[f"prob_{name}"] = probs[:, j]
+    frame["problem"] = ["" if p is None else p.detail for p in scores.problems]
     return frame
 
 

@@ -1,6 +1,6 @@
 """Hyperparameter search by cross-validation with Optuna: ``medlens tune CONFIG --trials N --folds K --out DIR``.
 
-Each trial cross-validates (:mod:`medlens.training.cv`) the config with sampled values of: the learning rate
+Each trial cross-validates (:mod:`medlens.jobs.cv`) the config with sampled values of: the learning rate
 (log scale), the freeze strategy (``head``, ``last_n`` with 1-4 blocks, ``full``), the augmentation strength,
 the image size, loss weighting on/off (positive weights for multi-label, class weights for multi-class) and
 the contrast option. The objective is the pooled out-of-fold macro AUC (one-vs-rest for multi-class): free
@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 
 from medlens.config import PHANTOMS, Config
+from medlens.data.phantoms import ensure_phantoms
 from medlens.data.transforms import CONTRASTS
 from medlens.errors import ConfigError
 from medlens.io import write_atomic
-from medlens.training import distributed
-from medlens.training.cv import CV_CURVES_FILE, CV_METRICS_FILE, cross_validate
-from medlens.training.fit import phantom_folder
+from medlens.jobs.cv import CV_CURVES_FILE, CV_METRICS_FILE, cross_validate
+from medlens.runs import PHANTOMS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ def _fixed_source(config: Config, out: Path) -> Config:
     """Phantoms are generated once, into ``out``, so every trial sees (and caches) the same images."""
     if config.data.source != PHANTOMS:
         return config
-    folder = phantom_folder(config, out, distributed.Dist())
+    spec = config.data.phantoms
+    folder = ensure_phantoms(out / PHANTOMS_DIR, n=spec.n, task=spec.task, size=spec.size, seed=spec.seed)  # type: ignore[arg-type]
     return dataclasses.replace(config, data=dataclasses.replace(config.data, source=str(folder)))
 
 

@@ -1,0 +1,78 @@
+"""Training a probe: frozen embeddings of every image (cached), then a classical head fitted on the training split.
+
+The splits are the run's patient-grouped splits, as for networks (:mod:`medlens.training.data`); images the
+embedder finds nothing in (photos without a face) are left out of every split and counted. The head is fitted
+without calibration of its own (``calibration_folds=0``): the train job calibrates it on the validation split,
+like every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medlens.config import Config
+from medlens.data.records import RecordTable
+from medlens.errors import ConfigError, DataSourceError
+from medlens.models.embedders import create_embedder
+from medlens.models.heads import create_head
+from medlens.runs import EMBEDDING_CACHE_DIR
+from medlens.training import distributed
+from medlens.training.data import load_or_make_splits, load_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeFit:
+    """A fitted probe and what it was fitted on."""
+
+    table: RecordTable
+    splits: dict[str, np.ndarray]
+    """The run's splits, rows without an embedding left out."""
+    embedder: Any
+    head: Any
+    embeddings: np.ndarray
+    """One row per table row; NaN where the embedder found nothing."""
+    n_left_out: int
+
+    @property
+    def labels(self) -> list[str]:
+        return [str(c) for c in self.head.classes_]
+
+
+def check_probe(config: Config) -> None:
+    """The probe's embedder and head, checked before any image is read."""
+    if config.data.channels not in (1, 3):
+        raise ConfigError(f"data.channels must be 1 or 3, got {config.data.channels}")
+    create_embedder(config)
+    create_head(config.model.probe, **_head_params(config))
+
+
+def fit_probe(config: Config, run_dir: Path, ctx: distributed.Dist, progress: bool = True) -> ProbeFit:
+    """Embed the data source (phantoms generated as for networks), split it by patient, fit the head on train."""
+    table = load_table(config, run_dir, ctx)
+    if table.task != "multiclass":
+        raise DataSourceError(f"{table.root}: probe heads need one class per image; this source is {table.task}")
+    embedder = create_embedder(config)
+    cache = Path(config.data.cache) if config.data.cache else run_dir / EMBEDDING_CACHE_DIR
+    embeddings, _ = embedder.embed_paths(table.paths, cache, progress=progress)
+    found = np.isfinite(embeddings).all(axis=1)
+    if not found.all():
+        log.warning("%d of %d images: %s; left out", int((~found).sum()), len(table), embedder.no_frame)
+    splits = {name: rows[found[rows]] for name, rows in load_or_make_splits(config, run_dir, table, ctx).items()}
+    train = splits["train"]
+    names = np.asarray(table.label_names)[table.labels.argmax(axis=1)]
+    missing = sorted(set(names[found]) - set(names[train]))
+    if missing:
+        log.warning("no training image with an embedding in classes %s: the head cannot predict them", missing)
+    head = create_head(config.model.probe, **_head_params(config)).fit(embeddings[train], names[train])
+    return ProbeFit(table, splits, embedder, head, embeddings, int((~found).sum()))
+
+
+def _head_params(config: Config) -> dict[str, Any]:
+    return {"seed": config.train.seed, **config.model.probe_params, "calibration_folds": 0}
