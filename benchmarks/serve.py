@@ -6,8 +6,9 @@ uploads the same real NIH film (1024 x 1024 PNG) for ``--seconds`` per phase:
 - ``plain`` and ``cam``: 1 and ``--clients`` concurrent clients, without and with heatmaps;
 - ``soak``: ``--soak-clients`` (8) clients without heatmaps for ``--soak-seconds`` (60), then stop: the
   server's memory sampled every second, its growth over the phase, and p95 over p50 (goals: < 5%, <= 3);
-- ``p50_vs_forward``: the 1-client latency without heatmaps over the batch-1 forward pass the server
-  timed during those same requests (``timings_ms.forward``: the model alone, same process, same moment).
+- ``p50_over_forward_ms``: the 1-client latency without heatmaps minus the batch-1 forward pass the server
+  timed during those same requests (``timings_ms.forward``: the model alone, same process, same moment):
+  what serving adds to a request, whatever the model (goal <= 8 ms); ``p50_vs_forward`` is their ratio.
   The forward pass is also timed in this process before and after that phase, the server idle, but on a
   shared 2-core machine other jobs' load swings such separate timings by 10x or more (torch's two OpenMP
   threads wait on each other whenever one loses its core), so they are printed for reference only.
@@ -23,7 +24,7 @@ steady load stops growing, not that 8 clients in flight cost no more than 1.
 
 Without ``--checkpoint`` a randomly initialised ``--model`` checkpoint with the 14 NIH labels at 224 px is
 written to a temporary folder (weights do not change the cost). Prints the machine, a table per phase and,
-as the very last line, one JSON object with ``p50_vs_forward`` (goal <= 1.25), ``errors``,
+as the very last line, one JSON object with ``p50_over_forward_ms`` (goal <= 8), ``p50_vs_forward``, ``errors``,
 ``memory_growth_pct``, ``soak_p95_vs_p50``, ``soak_memory_growth_pct`` and the rest.
 """
 
@@ -259,6 +260,8 @@ def main() -> None:
         f"\nbatch-1 forward pass: {forward:.1f} ms in the server during the 1-client phase (median); "
         f"{before:.1f} ms before it and {after:.1f} ms after it in this process, the server idle"
     )
+    overhead = single["p50_ms"] - forward
+    print(f"1-client p50 {single['p50_ms']:.1f} ms: {overhead:.1f} ms over the forward pass (goal <= 8)")
     growth = 100 * (rss_end - rss_start) / rss_start
     print(f"server memory: {rss_start:.0f} MB after warm-up, {rss_end:.0f} MB after the phases ({growth:+.1f}%)")
     soak: dict[str, float] = {}
@@ -274,6 +277,7 @@ def main() -> None:
             f"({soak['soak_memory_growth_pct']:+.1f}%)"
         )
     summary = {
+        "p50_over_forward_ms": round(overhead, 1),
         "p50_vs_forward": round(single["p50_ms"] / forward, 3),
         "memory_growth_pct": round(growth, 2),
         **soak,

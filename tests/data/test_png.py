@@ -12,12 +12,13 @@ import time
 import zlib
 
 import cv2
+import numba
 import numpy as np
 import pytest
 from PIL import Image
 
-from medlens.data import readers
-from medlens.data.png import SIGNATURE, _image_data, chunks_fit, decode_grey8
+from medlens.data import png, readers
+from medlens.data.png import SIGNATURE, _image_data, _unfilter, chunks_fit, decode_grey8
 from medlens.data.readers import load_image
 from medlens.errors import ImageReadError
 
@@ -260,3 +261,46 @@ def test_a_forked_child_decodes_with_its_own_helper_threads(pixels):
         os.waitpid(child, 0)
         raise AssertionError("the forked child hung decoding")
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def _inside(backing: np.ndarray, length: int) -> np.ndarray:
+    """The first ``length`` entries of ``backing``: were an index check missing, stray accesses would stay in it."""
+    return backing[:length]
+
+
+@pytest.mark.parametrize("kind", range(5))
+def test_the_filter_loop_checks_its_indices_itself_whatever_it_is_passed(kind):
+    height, width = 3, 6
+    raw = np.zeros(2 * height * (width + 1), dtype=np.uint8)
+    raw[:: width + 1] = kind
+    pixels = np.zeros((2 * height, width), dtype=np.uint8)
+    scanlines = height * (width + 1)
+    assert _unfilter(_inside(raw, scanlines), _inside(pixels, height), 0, height)
+    with pytest.raises(IndexError):  # the last row's last byte missing
+        _unfilter(_inside(raw, scanlines - 1), _inside(pixels, height), 0, height)
+    with pytest.raises(IndexError):  # more rows asked for than there are pixels for
+        _unfilter(raw, _inside(pixels, height), 0, height + 1)
+    with pytest.raises(IndexError):  # pixel rows wider than the scanlines
+        _unfilter(_inside(raw, scanlines), np.zeros((height, width + 1), dtype=np.uint8), 0, height)
+
+
+def test_an_index_out_of_range_in_the_loop_is_declined_and_the_file_read_by_libpng(decode, pixels, monkeypatch):
+    data = _png(pixels)
+    checked = png._unfilter
+    monkeypatch.setattr(png, "_unfilter", lambda raw, out, first, stop: checked(raw[:-1], out, first, stop))
+    assert decode(data) is None
+    assert np.array_equal(load_image(data).pixels, pixels / np.float32(255))
+
+
+def test_a_loop_compiled_without_bounds_checks_never_meets_a_file(pixels, monkeypatch, caplog):
+    # What NUMBA_BOUNDSCHECK=0 compiles, and numba's cache then serves to later processes too.
+    monkeypatch.setattr(png, "_unfilter", numba.njit(nogil=True, boundscheck=False)(png._unfilter.py_func))
+    png._checks_bounds.cache_clear()
+    try:
+        assert decode_grey8(_png(pixels)) is None
+        assert "without bounds checks" in caplog.text
+        assert np.array_equal(load_image(_png(pixels)).pixels, pixels / np.float32(255))
+    finally:
+        monkeypatch.undo()
+        png._checks_bounds.cache_clear()
+    assert np.array_equal(decode_grey8(_png(pixels)), pixels)
