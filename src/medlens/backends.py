@@ -45,14 +45,25 @@ def export_problem(folder: Path, manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def choose_backend(folder: Path, manifest: dict[str, Any], backend: str | None = None) -> str:
-    """``torch`` or ``onnxruntime`` for this checkpoint: ``backend``, else $MEDLENS_BACKEND, else ``auto``."""
+def choose_backend(
+    folder: Path, manifest: dict[str, Any], backend: str | None = None, device: torch.device | None = None
+) -> str:
+    """``torch`` or ``onnxruntime`` for this checkpoint: ``backend``, else $MEDLENS_BACKEND, else ``auto``.
+
+    On a GPU, ``auto`` takes ONNX Runtime only where its CUDA provider is installed (``onnxruntime-gpu``),
+    and torch otherwise; on the CPU, only where the export measured faster.
+    """
     wanted = backend or os.environ.get(BACKEND_ENV) or "auto"
     if wanted not in BACKENDS:
         raise ConfigError(f"unknown backend {wanted!r} (from {BACKEND_ENV} or --backend); choose one of {BACKENDS}")
     if wanted == "torch":
         return "torch"
-    if wanted == "auto" and (manifest.get("onnx") or {}).get("faster") != "onnxruntime":
+    on_gpu = device is not None and device.type == "cuda"
+    if on_gpu and not cuda_provider():
+        if wanted == "onnxruntime":
+            raise ConfigError("ONNX Runtime on a GPU needs onnxruntime-gpu (the CUDA provider); or use --backend torch")
+        return "torch"
+    if wanted == "auto" and not on_gpu and (manifest.get("onnx") or {}).get("faster") != "onnxruntime":
         return "torch"
     problem = export_problem(folder, manifest)
     if problem is None:
@@ -61,6 +72,15 @@ def choose_backend(folder: Path, manifest: dict[str, Any], backend: str | None =
         raise CheckpointError(problem)
     log.warning("not using the ONNX export: %s. Predicting with torch.", problem)
     return "torch"
+
+
+def cuda_provider() -> bool:
+    """Whether ONNX Runtime can run on CUDA GPUs here (``onnxruntime-gpu``)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 ORT_SPINNING = "session.intra_op.allow_spinning"
@@ -73,9 +93,13 @@ class OnnxRunner:
     :meth:`~medlens.inference.NetworkModel.from_checkpoint`).
     """
 
-    def __init__(self, path: Path, threads: int | None = None, spin: bool = True):
+    def __init__(self, path: Path, threads: int | None = None, spin: bool = True, device: torch.device | None = None):
         import onnxruntime as ort
 
+        self.device = device or torch.device("cpu")
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), *providers]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -83,11 +107,11 @@ class OnnxRunner:
             options.add_session_config_entry(ORT_SPINNING, "0")
         options.log_severity_level = 3  # errors only: its graph-optimiser notes are not the user's concern
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # ONNX Runtime raises its own pybind types for unreadable graphs
             raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from None
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.detach().cpu().float().contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input: batch})[0]).float()
+        return torch.from_numpy(self.session.run(None, {self.input: batch})[0]).float().to(self.device)

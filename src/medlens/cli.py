@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device_arg(parser: argparse.ArgumentParser, config_key: str | None = None) -> None:
+    where = f" (default: {config_key} of the config, auto)" if config_key else " (default auto)"
+    parser.add_argument(
+        "--device",
+        help=f"auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps{where}",
+        default=None if config_key else "auto",
+    )
+
+
+def _with_device(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, with ``--device`` as ``train.device`` where it was given."""
+    return [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
+
+
 def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="folder of class folders, folder with an NIH CSV, or a CSV file")
     parser.add_argument("--format", choices=["folder", "nih", "csv"], help="source kind (default: detected)")
@@ -143,6 +157,7 @@ def _add_train(jobs: argparse._SubParsersAction) -> None:
         help="override a config key, e.g. --set train.epochs=2 (repeatable)",
     )
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last")
+    _device_arg(train, "train.device")
     train.add_argument(
         "--folds",
         type=int,
@@ -156,7 +171,7 @@ def _train(args: argparse.Namespace) -> int:
     from medlens.config import load_config
     from medlens.jobs.train import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, _with_device(args))
     if args.folds:
         from medlens.jobs.cv import ENSEMBLE_DIR, cross_validate, format_cv
 
@@ -184,13 +199,16 @@ def _add_evaluate(jobs: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", required=True, type=Path, help="folder for predictions, metrics and report")
     evaluate.add_argument("--split", help="the run's own split to use when SOURCE is its data (default test)")
     evaluate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of patients")
+    _device_arg(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from medlens.jobs.evaluate import evaluate, format_metrics
 
-    result = evaluate(args.checkpoint, args.out, args.source, args.split, n_resamples=args.resamples)
+    result = evaluate(
+        args.checkpoint, args.out, args.source, args.split, n_resamples=args.resamples, device=args.device
+    )
     print(f"evaluated {result.metrics['evaluated_on']['description']}")
     print(format_metrics(result.metrics))
     if result.metrics["n_left_out"]:
@@ -226,6 +244,7 @@ def _add_explain(jobs: argparse._SubParsersAction) -> None:
         metavar="PX",
         help="pointing game: a hit within PX original pixels of a box counts (Zhang et al. use 15; default 0)",
     )
+    _device_arg(explain)
     explain.set_defaults(handler=_explain)
 
 
@@ -233,8 +252,9 @@ def _explain(args: argparse.Namespace) -> int:
     from medlens.jobs.explain import explain_images
 
     result = explain_images(
-        args.checkpoint, args.images, args.out, args.method, args.labels, args.boxes, args.tolerance
-    )
+        args.checkpoint, args.images, args.out, args.method, args.labels, args.boxes, args.tolerance,
+        device=args.device,
+    )  # fmt: skip
     print(f"{result['n_maps']} {result['method']} maps of {result['n_images']} images in {args.out}")
     if result["scores"] is not None:
         print(f"{'finding':<24}{'n':>4}{'pointing':>10}{'energy':>9}")
@@ -270,6 +290,7 @@ def _add_predict(jobs: argparse._SubParsersAction) -> None:
         "--patient-label", metavar="TEXT", help="reports: a label to print on each (nothing from the files is)"
     )
     predict.add_argument("--no-pdf", action="store_true", help="reports: HTML only, even where Chromium is installed")
+    _device_arg(predict)
     predict.set_defaults(handler=_predict)
 
 
@@ -277,7 +298,7 @@ def _predict(args: argparse.Namespace) -> int:
     from medlens.inference import load_model
     from medlens.jobs.predict import predict_to_csv
 
-    model = load_model(args.checkpoint, backend=args.backend)
+    model = load_model(args.checkpoint, backend=args.backend, device=args.device)
     written = predict_to_csv(model, args.inputs, args.out, args.batch_size)
     print(f"wrote {written} rows to {args.out}")
     if args.report:
@@ -330,6 +351,7 @@ def _add_tune(jobs: argparse._SubParsersAction) -> None:
     tune.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
     tune.add_argument("--image-sizes", type=int, nargs="+", default=[128, 224, 320], metavar="PX", help="sizes to try")
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _device_arg(tune, "train.device")
     tune.set_defaults(handler=_tune)
 
 
@@ -337,7 +359,7 @@ def _tune(args: argparse.Namespace) -> int:
     from medlens.config import load_config
     from medlens.jobs.tune import BEST_CONFIG_FILE, SearchSpace, tune
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, _with_device(args))
     space = SearchSpace(image_sizes=tuple(args.image_sizes))
     study = tune(config, args.out, args.trials, args.folds, timeout=args.timeout, space=space)
     best = study.best_trial

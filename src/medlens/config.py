@@ -134,6 +134,10 @@ class TrainConfig:
     seed: int = 0
     threshold_method: str = "youden"
     export_onnx: bool = True
+    device: str = "auto"
+    """auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps; ``--device`` on the command line."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA GPUs that have it, else fp16 there; fp32 on CPU and MPS), 32, bf16, 16."""
 
 
 @dataclass
@@ -162,6 +166,7 @@ CHOICES = {
     "model.head": ("linear", "mlp"),
     "data.phantoms.task": ("multiclass", "multilabel"),
     "data.contrast": CONTRASTS,
+    "train.precision": ("auto", "32", "bf16", "16"),
 }
 
 

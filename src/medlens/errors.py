@@ -34,5 +34,9 @@ class CacheError(MedlensError, ValueError):
     """A preprocessing cache is unfinished, or was built for other images or settings than asked."""
 
 
+class OutOfMemory(MedlensError):
+    """A batch did not fit in the device's memory; the message names a batch size that does."""
+
+
 class UsageError(MedlensError, ValueError):
     """A command-line or serving setting that cannot work (a port in use, a device that is not there)."""

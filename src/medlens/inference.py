@@ -42,6 +42,7 @@ from medlens.explain.occlusion import occlusion_map
 from medlens.models.checkpoint import load_weights, read_manifest, resolve_checkpoint
 from medlens.models.ensemble import model_from_manifest
 from medlens.models.inputs import probabilities, to_channels_last, to_input
+from medlens.training.engine import autocast_dtype, fitting_batch_size, out_of_memory, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +138,17 @@ class Model(Protocol):
     def close(self) -> None: ...
 
 
-def load_model(path: str | Path, backend: str | None = None, spin: bool = True) -> Model:
+def load_model(path: str | Path, backend: str | None = None, spin: bool = True, device: str = "auto") -> Model:
     """Load any checkpoint folder (or a run folder's best/) without unpickling anything.
 
-    ``backend`` and ``spin`` concern network models' forward passes (see :meth:`NetworkModel.from_checkpoint`).
+    ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``: where a network
+    runs; ``backend`` and ``spin`` concern its forward passes (see :meth:`NetworkModel.from_checkpoint`).
     """
     folder = resolve_checkpoint(path)
     manifest = read_manifest(folder)
     kind = manifest.get("kind", "classifier")
     if kind in NetworkModel.kinds:
-        return NetworkModel.from_checkpoint(folder, backend=backend, spin=spin)
+        return NetworkModel.from_checkpoint(folder, backend=backend, spin=spin, device=device)
     if kind in ProbeModel.kinds:
         return ProbeModel.from_checkpoint(folder)
     known = ", ".join((*NetworkModel.kinds, *ProbeModel.kinds))
@@ -220,10 +222,16 @@ class NetworkModel(_Shared):
         manifest: dict[str, Any],
         path: Path | None = None,
         onnx: OnnxRunner | None = None,
+        device: torch.device | str = "cpu",
+        precision: str | None = None,
     ):
         self._describe(manifest)
-        self.network = to_channels_last(network.eval())
+        self.device = torch.device(device)
+        self.network = to_channels_last(network.eval().to(self.device))
         self.onnx = onnx
+        # On a GPU, forward passes use the autocast the model trained with; elsewhere fp32 unless asked.
+        trained = manifest.get("precision", "32") if self.device.type == "cuda" else "32"
+        self.precision = precision or trained
         self.path = path
         prep = manifest["preprocessing"]
         self.image_size: int = int(prep["image_size"])
@@ -245,10 +253,14 @@ class NetworkModel(_Shared):
         return "torch" if self.onnx is None else "onnxruntime"
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, backend: str | None = None, spin: bool = True) -> NetworkModel:
+    def from_checkpoint(
+        cls, path: str | Path, backend: str | None = None, spin: bool = True, device: str = "auto"
+    ) -> NetworkModel:
         """Load a network checkpoint folder (or a run folder's best/) without unpickling anything.
 
-        ``backend``: ``auto`` (default; $MEDLENS_BACKEND overrides), ``torch`` or ``onnxruntime``.
+        ``device``: see :func:`load_model`. ``backend``: ``auto`` (default; $MEDLENS_BACKEND overrides),
+        ``torch`` or ``onnxruntime``; on a GPU, ONNX Runtime runs only where ``onnxruntime-gpu`` gives it the
+        CUDA provider, else torch runs there.
         ``spin=False`` for calls that come one at a time with other work between them (a server): ONNX
         Runtime's idle threads then sleep at once, instead of spinning on the cores that work needs (the next
         upload's decode took 4.1 ms instead of 2.9 beside them). Batch jobs gain from the spin.
@@ -260,9 +272,10 @@ class NetworkModel(_Shared):
             network.load_state_dict(load_weights(folder))
         except RuntimeError as exc:
             raise CheckpointError(f"{folder}: weights do not fit the model its manifest names ({exc})") from None
-        use_onnx = choose_backend(folder, manifest, backend) == "onnxruntime"
-        onnx = OnnxRunner(folder / ONNX_FILE, spin=spin) if use_onnx else None
-        return cls(network, manifest, folder, onnx)
+        where = resolve_device(device)
+        use_onnx = choose_backend(folder, manifest, backend, where) == "onnxruntime"
+        onnx = OnnxRunner(folder / ONNX_FILE, spin=spin, device=where) if use_onnx else None
+        return cls(network, manifest, folder, onnx, where)
 
     # -------------------------------------------------------------------------------- images in
 
@@ -278,21 +291,33 @@ class NetworkModel(_Shared):
         return self.prepared_tensor([self.prepare(p) for p in images])
 
     def prepared_tensor(self, prepared: Sequence[np.ndarray]) -> torch.Tensor:
-        """Already prepared uint8 images -> the normalised model input batch."""
-        x = to_input(np.stack(prepared), self.mean, self.std)
+        """Already prepared uint8 images -> the normalised model input batch on the model's device (the uint8
+        batch travels, pinned and without blocking on a GPU; it is normalised there)."""
+        batch = torch.from_numpy(np.stack(prepared))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        x = to_input(batch.to(self.device, non_blocking=True), self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last)
 
     # -------------------------------------------------------------------------------- scores out
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of a normalised input batch."""
+        """Logits of a normalised input batch, on the model's device (fp32, whatever the autocast)."""
         if self.onnx is not None:
             return self.onnx(x)
-        return self.network(x).float()
+        dtype = autocast_dtype(self.precision)
+        if dtype is None:
+            return self.network(x).float()
+        with torch.autocast(self.device.type, dtype=dtype):
+            return self.network(x).float()
 
     def logits(self, prepared: Sequence[np.ndarray]) -> Scores:
-        values = self.forward(self.prepared_tensor(prepared)).numpy()
+        try:
+            values = self.forward(self.prepared_tensor(prepared)).cpu().numpy()
+        except torch.OutOfMemoryError:
+            fits = fitting_batch_size(lambda n: self.forward(self.prepared_tensor(prepared[:n])), len(prepared))
+            raise out_of_memory(self.device, len(prepared), fits, f"rerun with --batch-size {fits}") from None
         return Scores(values, [None] * len(values), [{} for _ in values])
 
     def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> Scores:

@@ -44,8 +44,8 @@ from medlens.jobs.train import check_config, export_trained, train
 from medlens.models.checkpoint import read_manifest
 from medlens.models.ensemble import save_ensemble
 from medlens.runs import HISTORY_FILE, SPLITS_FILE
-from medlens.training import distributed
 from medlens.training.data import RunData, load_cached_table
+from medlens.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _shared_data(config: Config, run_dir: Path) -> tuple[Config, RecordTable]:
     """One cache (and one phantom set) for every fold: the config each fold trains with, and the table."""
     data = config.data
     config = dataclasses.replace(config, data=dataclasses.replace(data, cache=data.cache or str(run_dir / "cache")))
-    table, _, _ = load_cached_table(config, run_dir, distributed.Dist())
+    table, _, _ = load_cached_table(config, run_dir, Engine())
     if data.source == PHANTOMS:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, source=str(table.root)))
     return config, table

@@ -121,11 +121,12 @@ def evaluate(
     split: str | None = None,
     n_resamples: int = 1000,
     progress: bool = True,
+    device: str = "auto",
 ) -> Evaluation:
     """Predict, then write predictions.csv, metrics.json and report.html in ``out``."""
     from medlens.evaluation.metrics import evaluate_predictions, reliability_curve, to_jsonable
 
-    predictor = load_model(checkpoint)
+    predictor = load_model(checkpoint, device=device)
     data = evaluation_data(predictor, source, split)
     task, temperature = predictor.task, predictor.temperature
     scores = predictor.logits_paths(data.table.paths, progress=progress)

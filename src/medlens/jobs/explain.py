@@ -56,6 +56,7 @@ def explain_images(
     boxes: str | Path | None = None,
     tolerance: float = 0.0,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Explain ``images`` (files, folders of images, data CSVs) into ``out``; score against ``boxes`` if given.
 
@@ -68,7 +69,7 @@ def explain_images(
     """
     if method is not None and method != OCCLUSION:
         cam_method(method)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, device=device)
     method = method or model.cam_methods[0]
     if method not in model.cam_methods:
         raise ConfigError(f"heatmap method {method!r} does not apply to this model; choose one of {model.cam_methods}")

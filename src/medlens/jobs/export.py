@@ -65,7 +65,8 @@ def export_onnx(
     """Export, check parity on ``images`` (else a generated batch), time both backends, record the result."""
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is not supported: choose {MIN_OPSET} or later (default {OPSET})")
-    predictor: NetworkModel = load_model(checkpoint, backend="torch")  # type: ignore[assignment]
+    # ONNX Runtime's CPU provider is what the export is checked and raced against: torch on the CPU too.
+    predictor: NetworkModel = load_model(checkpoint, backend="torch", device="cpu")  # type: ignore[assignment]
     if predictor.network is None:
         raise ConfigError(
             f"{checkpoint} is a {predictor.kind} checkpoint ({predictor.description}): only networks export to ONNX"

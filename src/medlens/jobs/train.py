@@ -24,8 +24,9 @@ from medlens.errors import ConfigError, MedlensError
 from medlens.evaluation.calibration import calibrate
 from medlens.models.checkpoint import load_weights, update_manifest
 from medlens.runs import BEST_DIR, CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_DIR
-from medlens.training import distributed
+from medlens.training import engine as engines
 from medlens.training.data import RunData, prepare_data
+from medlens.training.engine import Engine, resolve_device, resolve_precision
 from medlens.training.fit import build_model, fit, predict_rows
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,15 @@ def train(
     """Train per ``config`` into ``run_dir``; returns the best epoch's validation metrics."""
     run_dir = Path(run_dir)
     check_config(config)
-    ctx = distributed.init_distributed()
+    engine = engines.start_engine(config.train.device, config.train.precision)
     try:
-        check_run_dir(run_dir, resume, ctx)
+        check_run_dir(run_dir, resume, engine)
         if config.model.strategy == "probe":
-            return train_probe(config, run_dir, ctx, progress)
-        data = prepare_data(config, run_dir, ctx)
-        best = fit(config, run_dir, data, ctx, resume, progress and ctx.is_main)
-        if ctx.is_main:
-            _after_training(config, run_dir, data, on_calibrated)
+            return train_probe(config, run_dir, engine, progress)
+        data = prepare_data(config, run_dir, engine)
+        best = fit(config, run_dir, data, engine, resume, progress and engine.is_main)
+        if engine.is_main:
+            _after_training(config, run_dir, data, engine, on_calibrated)
         return best
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -64,7 +65,7 @@ def train(
             "free space and continue with --resume"
         ) from exc
     finally:
-        distributed.shutdown(ctx)
+        engines.shutdown(engine)
 
 
 def check_config(config: Config) -> None:
@@ -89,17 +90,18 @@ def check_config(config: Config) -> None:
             f"data.val_fraction={d.val_fraction} and data.test_fraction={d.test_fraction} must leave images to "
             "train and validate on: val_fraction > 0, test_fraction >= 0 and their sum below 1"
         )
+    resolve_precision(config.train.precision, resolve_device(config.train.device))
     pretrained = config.model.pretrained
     local = is_weights_file(pretrained) or str(pretrained).startswith("xrv:")
     from_hub = bool(pretrained) and not local
     build_model(config, num_classes=2, pretrained=local or (from_hub and not hub_reachable()))
 
 
-def check_run_dir(run_dir: Path, resume: bool, ctx: distributed.Dist) -> None:
+def check_run_dir(run_dir: Path, resume: bool, engine: Engine) -> None:
     """A run folder that may be written: new (or resumed with ``--resume``), creatable and writable."""
     if not resume and (run_dir / LAST_DIR).exists():
         raise MedlensError(f"{run_dir} already holds a run: pass --resume to continue it, or choose a new --out")
-    if not ctx.is_main:
+    if not engine.is_main:
         return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,11 +111,13 @@ def check_run_dir(run_dir: Path, resume: bool, ctx: distributed.Dist) -> None:
         raise MedlensError(f"the run folder {run_dir} is not writable; choose another --out")
 
 
-def _after_training(config: Config, run_dir: Path, data: RunData, on_calibrated: Calibrated | None) -> None:
+def _after_training(
+    config: Config, run_dir: Path, data: RunData, engine: Engine, on_calibrated: Calibrated | None
+) -> None:
     from medlens.io import write_atomic
 
     write_atomic(run_dir / CONFIG_FILE, config.to_yaml())
-    probs = calibrate_best(config, run_dir, data)
+    probs = calibrate_best(config, run_dir, data, Engine(engine.device, engine.precision))
     if config.train.export_onnx:
         export_trained(run_dir / BEST_DIR, data.table, data.splits["val"])
     _plot_history(run_dir)
@@ -121,16 +125,16 @@ def _after_training(config: Config, run_dir: Path, data: RunData, on_calibrated:
         on_calibrated(data, probs)
 
 
-def train_probe(config: Config, run_dir: Path, ctx: distributed.Dist, progress: bool) -> dict[str, Any]:
+def train_probe(config: Config, run_dir: Path, engine: Engine, progress: bool) -> dict[str, Any]:
     """Fit a probe, calibrate it on the validation split, write it as ``best/``; returns its validation scores."""
     from medlens.io import write_atomic
     from medlens.models.heads import save_head
     from medlens.training.fit import validation_scores
     from medlens.training.probe import fit_probe
 
-    if ctx.enabled:
+    if engine.enabled:
         raise ConfigError("a probe fits in one process: launch strategy 'probe' without torchrun")
-    found = fit_probe(config, run_dir, ctx, progress)
+    found = fit_probe(config, run_dir, engine, progress)
     labels = found.labels
     val = found.splits["val"]
     if len(val) == 0:
@@ -159,12 +163,14 @@ def train_probe(config: Config, run_dir: Path, ctx: distributed.Dist, progress: 
     return scores
 
 
-def calibrate_best(config: Config, run_dir: Path, data: RunData) -> np.ndarray:
-    """Calibrate ``best/`` on the validation split, store it there; returns its calibrated validation probabilities."""
+def calibrate_best(config: Config, run_dir: Path, data: RunData, engine: Engine) -> np.ndarray:
+    """Calibrate ``best/`` on the validation split, store it there; returns its calibrated validation probabilities.
+
+    ``engine`` is this process alone (calibration runs on rank 0 only), on the run's device."""
     model = build_model(config, len(data.table.label_names), pretrained=False)
     model.load_state_dict(load_weights(run_dir / BEST_DIR))
     rows = data.splits["val"]
-    logits = predict_rows(model, data, rows, distributed.Dist()).cpu().numpy()
+    logits = predict_rows(model.to(engine.device), data, rows, engine).cpu().numpy()
     found = calibrate(
         logits, data.table.labels[rows], data.table.task, data.table.label_names, config.train.threshold_method
     )

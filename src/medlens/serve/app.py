@@ -97,6 +97,7 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     request_seconds: float = DEFAULT_REQUEST_SECONDS,
+    device: str = "auto",
 ) -> FastAPI:
     """The app serving ``checkpoint`` (a checkpoint or run folder), which loads when the app starts."""
     folder = resolve_checkpoint(checkpoint)  # fail now, not at the first request, on a wrong path
@@ -106,7 +107,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.model = load_served_model(folder, limits)
+        app.state.model = load_served_model(folder, limits, device)
         log.info("serving %s (%d labels)", folder, len(app.state.model.labels))
         yield
         app.state.model.close()

@@ -34,6 +34,7 @@ def add_parser(jobs: argparse._SubParsersAction) -> None:
         default=120.0,
         help="seconds a request may queue for and use the model before it gets 503 (default 120)",
     )
+    serve.add_argument("--device", default="auto", help="where the model runs: auto (default), cpu, cuda, cuda:N, mps")
     serve.set_defaults(handler=_serve)
 
 
@@ -43,6 +44,9 @@ def _serve(args: argparse.Namespace) -> int:
     from medlens.serve.app import create_app
 
     check_port(args.host, args.port)
+    from medlens.training.engine import resolve_device
+
+    resolve_device(args.device)  # a device that is not there is a one-line error now, not at startup
     if args.token is None and not _is_loopback(args.host):
         log.warning("serving on %s without --token: anyone who can reach this address can use the API", args.host)
     app = create_app(
@@ -50,6 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         token=args.token,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         request_seconds=args.request_timeout,
+        device=args.device,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

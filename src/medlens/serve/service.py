@@ -69,9 +69,9 @@ class PredictOptions:
     """Labels to draw heatmaps for; empty: the positive ones, else the most probable one."""
 
 
-def load_served_model(checkpoint: str | Path, limits: Limits) -> ServedModel:
-    """The served model of a checkpoint folder (or a run folder), whatever its kind."""
-    return ServedModel(load_model(checkpoint, spin=False), limits)
+def load_served_model(checkpoint: str | Path, limits: Limits, device: str = "auto") -> ServedModel:
+    """The served model of a checkpoint folder (or a run folder), whatever its kind, held on ``device``."""
+    return ServedModel(load_model(checkpoint, spin=False, device=device), limits)
 
 
 class Workers:

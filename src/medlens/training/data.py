@@ -19,7 +19,7 @@ from medlens.data.records import RecordTable, load_source
 from medlens.data.splits import check_no_leakage, patient_split, read_splits, undersample, write_splits
 from medlens.errors import ConfigError
 from medlens.runs import CACHE_DIR, PHANTOMS_DIR, SPLITS_FILE
-from medlens.training import distributed
+from medlens.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +33,20 @@ class RunData:
     """Each table row's row in the cache."""
 
 
-def prepare_data(config: Config, run_dir: Path, ctx: distributed.Dist) -> RunData:
+def prepare_data(config: Config, run_dir: Path, engine: Engine) -> RunData:
     """The table, its patient-grouped splits (kept in splits.csv) and the preprocessing cache."""
-    table, cache, cache_rows = load_cached_table(config, run_dir, ctx)
-    splits = load_or_make_splits(config, run_dir, table, ctx)
+    table, cache, cache_rows = load_cached_table(config, run_dir, engine)
+    splits = load_or_make_splits(config, run_dir, table, engine)
     return RunData(table, splits, cache, cache_rows)
 
 
-def load_table(config: Config, run_dir: Path, ctx: distributed.Dist) -> RecordTable:
+def load_table(config: Config, run_dir: Path, engine: Engine) -> RecordTable:
     """The data source's table (phantoms generated into the run folder when the config asks), views filtered."""
     if config.data.source == PHANTOMS:
         spec = config.data.phantoms
-        if ctx.is_main:
+        if engine.is_main:
             ensure_phantoms(run_dir / PHANTOMS_DIR, n=spec.n, task=spec.task, size=spec.size, seed=spec.seed)  # type: ignore[arg-type]
-        distributed.barrier(ctx)
+        engine.barrier()
         return load_source(run_dir / PHANTOMS_DIR)
     table = load_source(config.data.source, config.data.format)  # type: ignore[arg-type]
     if config.data.views:
@@ -57,17 +57,17 @@ def load_table(config: Config, run_dir: Path, ctx: distributed.Dist) -> RecordTa
 
 
 def load_cached_table(
-    config: Config, run_dir: Path, ctx: distributed.Dist
+    config: Config, run_dir: Path, engine: Engine
 ) -> tuple[RecordTable, ImageCache, np.ndarray]:
     """The table of readable images, the preprocessing cache holding them, and each image's cache row."""
-    table = load_table(config, run_dir, ctx)
+    table = load_table(config, run_dir, engine)
     d = config.data
     cache_dir = Path(d.cache) if d.cache else run_dir / CACHE_DIR
-    if ctx.is_main:
+    if engine.is_main:
         build_cache(
             table.paths, cache_dir, d.image_size, d.channels, contrast=d.contrast, crop_border=d.crop_border
         )
-    distributed.barrier(ctx)
+    engine.barrier()
     cache = ImageCache(cache_dir)
     cache_rows = cache.indices_of([str(p) for p in table.paths])
     readable = cache.status[cache_rows] == "ok"
@@ -78,7 +78,7 @@ def load_cached_table(
 
 
 def load_or_make_splits(
-    config: Config, run_dir: Path, table: RecordTable, ctx: distributed.Dist
+    config: Config, run_dir: Path, table: RecordTable, engine: Engine
 ) -> dict[str, np.ndarray]:
     """splits.csv's splits if the run folder has one, else new patient-grouped ones (written by rank 0)."""
     path = run_dir / SPLITS_FILE
@@ -88,7 +88,7 @@ def load_or_make_splits(
         val, test = config.data.val_fraction, config.data.test_fraction
         fractions = {"train": 1.0 - val - test, "val": val, "test": test}
         splits = patient_split(table, fractions, seed=config.train.seed)
-        if ctx.is_main:
+        if engine.is_main:
             write_splits(path, table, splits)
     check_no_leakage(table, splits)
     if config.data.undersample:

@@ -1,6 +1,6 @@
 """The training loop, top to bottom: model, optimiser, epochs, checkpoints. Nothing else.
 
-``fit(config, run_dir, data, ctx)`` trains on a run's prepared data (:mod:`medlens.training.data`) and
+``fit(config, run_dir, data, engine)`` trains on a run's prepared data (:mod:`medlens.training.data`) and
 writes ``best/``, ``last/`` and ``history.csv`` after every epoch; :func:`medlens.jobs.train.train`, what
 ``medlens train`` calls, prepares the data before and calibrates, exports and plots after. The state of a
 run travels as one :class:`TrainState`, which is also what ``last/`` stores for ``--resume``.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ from medlens.io import write_atomic
 from medlens.models.checkpoint import load_training_state, load_weights, save_checkpoint
 from medlens.models.inputs import probabilities, to_channels_last, to_input
 from medlens.runs import BEST_DIR, HISTORY_FILE, LAST_DIR
-from medlens.training import distributed
-from medlens.training.batches import augment, batches, epoch_order, shard
+from medlens.training.batches import DeviceBatches, augment, batches, device_generator, epoch_order, shard
 from medlens.training.data import RunData
+from medlens.training.engine import Engine, fitting_batch_size, out_of_memory
 from medlens.training.losses import make_loss
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> Any:
     return None
 
 
-def manifest_for(config: Config, data: RunData, model: nn.Module) -> dict[str, Any]:
+def manifest_for(config: Config, data: RunData, model: nn.Module, engine: Engine) -> dict[str, Any]:
     """What a checkpoint must say so evaluate/explain/serve need nothing else."""
     source = config.data.source
     return {
@@ -119,6 +120,9 @@ def manifest_for(config: Config, data: RunData, model: nn.Module) -> dict[str, A
         "config": config.to_dict(),
         "thresholds": [0.5] * len(data.table.label_names),
         "temperature": 1.0,
+        "device": str(engine.device),
+        "precision": engine.precision,
+        "processes": engine.world,
     }
 
 
@@ -138,6 +142,9 @@ class TrainState:
     best: float | None = None
     stale: int = 0
     """Epochs since ``best`` last improved."""
+    epoch_seconds: float = 0.0
+    data_wait_seconds: float = 0.0
+    """How long the last epoch took, and how much of it the loop waited for data (not saved)."""
 
     def saved(self) -> dict[str, Any]:
         """What ``last/`` stores beside the weights."""
@@ -152,19 +159,20 @@ class TrainState:
 
 
 def fit(
-    config: Config, run_dir: Path, data: RunData, ctx: distributed.Dist, resume: bool, progress: bool
+    config: Config, run_dir: Path, data: RunData, engine: Engine, resume: bool, progress: bool
 ) -> dict[str, Any]:
     """Train ``config.train.epochs`` epochs (or until early stopping); returns the best epoch's history row."""
     t = config.train
-    state = start(config, run_dir, data, ctx, resume)
-    manifest = manifest_for(config, data, state.model)
+    state = start(config, run_dir, data, engine, resume)
+    manifest = manifest_for(config, data, state.model, engine)
+    log.info("training on %s", engine.describe())
     for epoch in range(state.epoch + 1, t.epochs):
-        train_loss = train_epoch(config, state, data, ctx, epoch, progress)
-        scores = validate(state, data, ctx)
-        improved = record_epoch(config, state, epoch, train_loss, scores)
-        if ctx.is_main:
+        train_loss = train_epoch(config, state, data, engine, epoch, progress)
+        scores = validate(state, data, engine)
+        improved = record_epoch(config, state, epoch, train_loss, scores, str(engine.device))
+        if engine.is_main:
             save_epoch(run_dir, state, manifest, scores, improved)
-        distributed.barrier(ctx)
+        engine.barrier()
         shown = " ".join(f"{k} {v:.4f}" for k, v in scores.items() if not math.isnan(v))
         log.info("epoch %d: train_loss %.4f %s%s", epoch, train_loss, shown, " (best)" if improved else "")
         if t.early_stopping and state.stale >= t.early_stopping:
@@ -174,117 +182,168 @@ def fit(
     return min(state.history, key=lambda row: row[t.best_metric] * sign)
 
 
-def start(config: Config, run_dir: Path, data: RunData, ctx: distributed.Dist, resume: bool) -> TrainState:
-    """A fresh state (seeded model, optimiser, scheduler, loss), or the one ``last/`` holds with ``resume``."""
+def start(config: Config, run_dir: Path, data: RunData, engine: Engine, resume: bool) -> TrainState:
+    """A fresh state (seeded model, optimiser, scheduler, loss) on the engine's device, or with ``resume`` the one
+    ``last/`` holds: weights loaded before the model moves, optimiser state after (it follows its parameters)."""
     t = config.train
     torch.manual_seed(t.seed)
-    model = build_model(config, len(data.table.label_names)).to(ctx.device)
+    model = build_model(config, len(data.table.label_names))
+    saved = _saved_state(run_dir) if resume else None
+    if saved is not None:
+        model.load_state_dict(load_weights(saved[0]))
+    wrapped = engine.setup_module(model)
     optimizer = make_optimizer(config, model)
+    scheduler = make_scheduler(config, optimizer)
+    if saved is not None:
+        optimizer.load_state_dict(saved[1]["optimizer"])
+        if scheduler is not None and saved[1].get("scheduler") is not None:
+            scheduler.load_state_dict(saved[1]["scheduler"])
     loss_fn = make_loss(
         data.table.task, data.table.labels[data.splits["train"]], t.pos_weighting, t.class_weights, t.label_smoothing
-    ).to(ctx.device)
-    state = TrainState(model, _wrap(model, ctx), optimizer, make_scheduler(config, optimizer), loss_fn)
-    if resume:
-        _resume(run_dir, state)
+    ).to(engine.device)
+    state = TrainState(model, wrapped, engine.setup_optimizer(optimizer), scheduler, loss_fn)
+    if saved is not None:
+        state.epoch, state.history = saved[1]["epoch"], saved[1]["history"]
+        state.best, state.stale = saved[1]["best"], saved[1]["stale"]
+        log.info("resuming %s after epoch %d", run_dir, state.epoch)
     return state
 
 
-def _wrap(model: nn.Module, ctx: distributed.Dist) -> nn.Module:
-    if not ctx.enabled:
-        return model
-    ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def _resume(run_dir: Path, state: TrainState) -> None:
+def _saved_state(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``last/`` (or what a crash between the two renames of its write left) and its training state."""
     last = run_dir / LAST_DIR
     if not last.exists() and (run_dir / f"{LAST_DIR}.old").exists():
-        last = run_dir / f"{LAST_DIR}.old"  # a crash between the two renames of a checkpoint write
+        last = run_dir / f"{LAST_DIR}.old"
     if not last.exists():
         log.info("nothing to resume in %s: starting from epoch 0", run_dir)
-        return
-    state.model.load_state_dict(load_weights(last))
-    saved = load_training_state(last)
-    state.optimizer.load_state_dict(saved["optimizer"])
-    if state.scheduler is not None and saved.get("scheduler") is not None:
-        state.scheduler.load_state_dict(saved["scheduler"])
-    state.epoch, state.history = saved["epoch"], saved["history"]
-    state.best, state.stale = saved["best"], saved["stale"]
-    log.info("resuming %s after epoch %d", run_dir, state.epoch)
+        return None
+    return last, load_training_state(last)
 
 
 def train_epoch(
-    config: Config, state: TrainState, data: RunData, ctx: distributed.Dist, epoch: int, progress: bool
+    config: Config, state: TrainState, data: RunData, engine: Engine, epoch: int, progress: bool
 ) -> float:
-    """One pass over the training split; returns the mean training loss across ranks."""
+    """One pass over the training split; returns the mean training loss across ranks.
+
+    The loss is summed on the device and read back only when the progress bar refreshes: no step waits for
+    the host.
+    """
     t = config.train
     # Every random draw of an epoch derives from (seed, epoch, rank): resuming at an epoch boundary
     # replays exactly what an unbroken run would have done.
-    torch.manual_seed(t.seed * 100_003 + epoch * 1_009 + ctx.rank)
-    generator = torch.Generator().manual_seed(t.seed * 7_919 + epoch * 31 + ctx.rank)
+    torch.manual_seed(t.seed * 100_003 + epoch * 1_009 + engine.rank)
+    generator = device_generator(engine.device, t.seed * 7_919 + epoch * 31 + engine.rank)
     rows = data.splits["train"][epoch_order(len(data.splits["train"]), t.seed, epoch)]
+    # A tail too short to give every rank a row is dropped (the same decision on every rank). Each rank takes
+    # an interleaved share of the global batch and weighs its mean loss by its share, so DDP's gradient
+    # average equals the gradient of the global batch's mean loss.
+    steps = [batch for batch in batches(rows, t.batch_size) if len(batch) >= engine.world]
+    shares = [batch[engine.rank :: engine.world] for batch in steps]
+    feed = DeviceBatches(lambda chunk: _host_batch(data, chunk), shares, engine.device)
     state.wrapped.train()
-    # The loss is summed where it is computed and read back only when the bar refreshes.
-    total = torch.zeros((), dtype=torch.float32, device=ctx.device)
+    total = torch.zeros((), dtype=torch.float32, device=engine.device)
     count = 0
+    started = time.perf_counter()
     bar = tqdm(total=len(rows), desc=f"epoch {epoch + 1}/{t.epochs}", unit="img", disable=not progress, leave=False)
-    for step, batch in enumerate(batches(rows, t.batch_size)):
-        if len(batch) < ctx.world:
-            continue  # a tail too short to give every rank a row (same decision on every rank)
-        # Each rank takes an interleaved share of the global batch and weighs its mean loss by its share,
-        # so DDP's gradient average equals the gradient of the global batch's mean loss.
-        chunk = batch[ctx.rank :: ctx.world]
-        x = _inputs(data, chunk, state.model).to(ctx.device)
-        x = augment(x, t.augment, t.augment_strength, generator).contiguous(memory_format=torch.channels_last)
-        y = torch.from_numpy(data.table.labels[chunk]).to(ctx.device)
-        loss = state.loss_fn(state.wrapped(x), y)
-        state.optimizer.zero_grad(set_to_none=True)
-        (loss * (len(chunk) * ctx.world / len(batch))).backward()
-        state.optimizer.step()
-        total += loss.detach() * len(chunk)
-        count += len(chunk)
-        bar.update(len(batch))
-        if progress and step % PROGRESS_EVERY == 0:
-            bar.set_postfix(loss=f"{float(total) / count:.4f}")
-    bar.close()
-    return _mean_across_ranks(ctx, total, count)
+    with bar:  # closed on an error too, so the error's line is not glued to the bar's
+        for step, ((images, labels, chunk), batch) in enumerate(zip(feed, steps, strict=True)):
+            weight = len(chunk) * engine.world / len(batch)
+            try:
+                loss = train_step(state, engine, images, labels, t.augment, t.augment_strength, generator, weight)
+            except torch.OutOfMemoryError:
+                raise _out_of_memory(config, state, data, engine, generator, len(batch)) from None
+            total += loss.detach() * len(chunk)
+            count += len(chunk)
+            bar.update(len(batch))
+            if progress and step % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{float(total) / count:.4f}")
+    state.epoch_seconds, state.data_wait_seconds = time.perf_counter() - started, feed.waited
+    return _mean_across_ranks(engine, total, count)
 
 
-def _mean_across_ranks(ctx: distributed.Dist, total: torch.Tensor, count: int) -> float:
-    sums = torch.stack([total.to(torch.float64), torch.tensor(float(count), dtype=torch.float64, device=total.device)])
-    if ctx.enabled:
-        torch.distributed.all_reduce(sums)
+def train_step(
+    state: TrainState,
+    engine: Engine,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    kind: str,
+    strength: float,
+    generator: torch.Generator,
+    weight: float = 1.0,
+) -> torch.Tensor:
+    """One optimiser step on a uint8 batch already on the device: normalise, augment, forward, loss, backward,
+    step, all there. Returns the batch's mean loss, still on the device."""
+    x = to_input(images, state.model.mean, state.model.std)
+    x = augment(x, kind, strength, generator).contiguous(memory_format=torch.channels_last)
+    loss = state.loss_fn(state.wrapped(x).float(), labels)
+    state.optimizer.zero_grad(set_to_none=True)
+    engine.backward(loss * weight)
+    state.optimizer.step()
+    return loss
+
+
+def _out_of_memory(
+    config: Config, state: TrainState, data: RunData, engine: Engine, generator: torch.Generator, failed: int
+) -> Exception:
+    """The error for a training batch that did not fit, with a batch size that does, found by halving.
+
+    The trial steps change the weights in memory only: the checkpoints on disk are the last epoch's, and
+    ``--resume`` continues from them.
+    """
+    t = config.train
+
+    def runs(size: int) -> None:
+        rows = data.splits["train"][: size // engine.world or 1]
+        images, labels = (torch.from_numpy(np.ascontiguousarray(a)).to(engine.device) for a in _host_batch(data, rows))
+        train_step(state, engine, images, labels, t.augment, t.augment_strength, generator)
+
+    fits = fitting_batch_size(runs, failed)
+    advice = f"continue with --resume --set train.batch_size={fits}"
+    return out_of_memory(engine.device, failed, fits, advice)
+
+
+def _host_batch(data: RunData, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 images and the labels of table ``rows``, from the memory-mapped cache."""
+    return data.cache.images[data.cache_rows[rows]], data.table.labels[rows]
+
+
+def _mean_across_ranks(engine: Engine, total: torch.Tensor, count: int) -> float:
+    sums = torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=total.device)])
+    sums = engine.sum_across_ranks(sums)
     return float(sums[0]) / max(float(sums[1]), 1.0)
-
-
-def _inputs(data: RunData, rows: np.ndarray, model: nn.Module) -> torch.Tensor:
-    images = data.cache.images[data.cache_rows[rows]]
-    return to_input(images, model.mean, model.std)
 
 
 @torch.no_grad()
 def predict_rows(
-    model: nn.Module, data: RunData, rows: np.ndarray, ctx: distributed.Dist, batch_size: int = 64
+    model: nn.Module, data: RunData, rows: np.ndarray, engine: Engine, batch_size: int = 64
 ) -> torch.Tensor:
-    """Logits for ``rows`` of the table, computed across ranks and gathered in order (on the run's device)."""
+    """Logits for ``rows`` of the table, computed across ranks and gathered in order, on the engine's device."""
     model.eval()
-    mine = shard(rows, ctx.rank, ctx.world)
-    outputs = [
-        model(_inputs(data, chunk, model).to(ctx.device).contiguous(memory_format=torch.channels_last)).float()
-        for chunk in batches(mine, batch_size)
-    ]
-    logits = torch.cat(outputs) if outputs else torch.empty(0, len(data.table.label_names), device=ctx.device)
-    return distributed.gather_rows(ctx, logits, len(rows))
+    mine = shard(rows, engine.rank, engine.world)
+    feed = DeviceBatches(lambda chunk: _host_batch(data, chunk), list(batches(mine, batch_size)), engine.device)
+    outputs = []
+    for images, _, _ in feed:
+        x = to_input(images, model.mean, model.std).contiguous(memory_format=torch.channels_last)
+        with engine.autocast():
+            outputs.append(model(x).float())
+    logits = torch.cat(outputs) if outputs else torch.empty(0, len(data.table.label_names), device=engine.device)
+    return engine.gather_rows(logits, len(rows))
 
 
-def validate(state: TrainState, data: RunData, ctx: distributed.Dist) -> dict[str, float]:
-    """Validation loss, macro AUC and (multi-class) accuracy of the model as it is now."""
+def validation_outputs(state: TrainState, data: RunData, engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split's logits and mean loss, both on the device (nothing read back to the host)."""
     rows = data.splits["val"]
-    logits = predict_rows(state.model, data, rows, ctx)
-    labels = data.table.labels[rows]
-    loss = float(state.loss_fn(logits, torch.from_numpy(labels).to(logits.device)))
+    logits = predict_rows(state.model, data, rows, engine)
+    labels = torch.from_numpy(data.table.labels[rows]).to(logits.device, non_blocking=True)
+    return logits, state.loss_fn(logits, labels)
+
+
+def validate(state: TrainState, data: RunData, engine: Engine) -> dict[str, float]:
+    """Validation loss, macro AUC and (multi-class) accuracy of the model as it is now."""
+    logits, loss = validation_outputs(state, data, engine)
     probs = probabilities(logits, data.table.task).cpu().numpy()
-    return {"val_loss": loss, **validation_scores(data.table.task, labels, probs)}
+    labels = data.table.labels[data.splits["val"]]
+    return {"val_loss": float(loss), **validation_scores(data.table.task, labels, probs)}
 
 
 def validation_scores(task: str, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -306,7 +365,7 @@ def validation_scores(task: str, labels: np.ndarray, probs: np.ndarray) -> dict[
 
 
 def record_epoch(
-    config: Config, state: TrainState, epoch: int, train_loss: float, scores: dict[str, float]
+    config: Config, state: TrainState, epoch: int, train_loss: float, scores: dict[str, float], device: str = "cpu"
 ) -> bool:
     """Step the scheduler, note the epoch in the history, and say whether it is the best so far."""
     metric = config.train.best_metric
@@ -318,7 +377,7 @@ def record_epoch(
     improved = state.best is None or _better(scores[metric], state.best, metric)
     state.best, state.stale = (scores[metric], 0) if improved else (state.best, state.stale + 1)
     state.epoch = epoch
-    state.history.append({"epoch": epoch, "train_loss": train_loss, **scores, "lr": max(lrs)})
+    state.history.append({"epoch": epoch, "train_loss": train_loss, **scores, "lr": max(lrs), "device": device})
     return improved
 
 

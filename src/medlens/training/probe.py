@@ -21,8 +21,8 @@ from medlens.errors import ConfigError, DataSourceError
 from medlens.models.embedders import create_embedder
 from medlens.models.heads import create_head
 from medlens.runs import EMBEDDING_CACHE_DIR
-from medlens.training import distributed
 from medlens.training.data import load_or_make_splits, load_table
+from medlens.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ def check_probe(config: Config) -> None:
     create_head(config.model.probe, **_head_params(config))
 
 
-def fit_probe(config: Config, run_dir: Path, ctx: distributed.Dist, progress: bool = True) -> ProbeFit:
+def fit_probe(config: Config, run_dir: Path, engine: Engine, progress: bool = True) -> ProbeFit:
     """Embed the data source (phantoms generated as for networks), split it by patient, fit the head on train."""
-    table = load_table(config, run_dir, ctx)
+    table = load_table(config, run_dir, engine)
     if table.task != "multiclass":
         raise DataSourceError(f"{table.root}: probe heads need one class per image; this source is {table.task}")
     embedder = create_embedder(config)
@@ -64,7 +64,7 @@ def fit_probe(config: Config, run_dir: Path, ctx: distributed.Dist, progress: bo
     found = np.isfinite(embeddings).all(axis=1)
     if not found.all():
         log.warning("%d of %d images: %s; left out", int((~found).sum()), len(table), embedder.no_frame)
-    splits = {name: rows[found[rows]] for name, rows in load_or_make_splits(config, run_dir, table, ctx).items()}
+    splits = {name: rows[found[rows]] for name, rows in load_or_make_splits(config, run_dir, table, engine).items()}
     train = splits["train"]
     names = np.asarray(table.label_names)[table.labels.argmax(axis=1)]
     missing = sorted(set(names[found]) - set(names[train]))
