@@ -18,7 +18,7 @@ FAMILIES = {
     # family: (smallest model, layout of its CAM layer)
     "resnet": ("resnet10t", "nchw"),
     "densenet": ("test_densenet", "nchw"),
-    "efficientnet": ("efficientnet_lite0", "nchw"),
+    "efficientnet": ("test_efficientnet", "nchw"),
     "convnext": ("convnext_atto", "nchw"),
     "regnet": ("regnetx_002", "nchw"),
     "mobilenetv3": ("mobilenetv3_small_050", "nchw"),  # its head widens the pooled features (head_hidden_size)
