@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     jobs = parser.add_subparsers(title="jobs", metavar="JOB")
     _add_data(jobs)
+    _add_models(jobs)
     _add_train(jobs)
     _add_evaluate(jobs)
     _add_predict(jobs)
@@ -141,6 +142,28 @@ def _data_cache(args: argparse.Namespace) -> int:
     cache = build_cache(table.paths, args.out, size=args.size, channels=args.channels, workers=args.workers)
     unreadable = int((cache.status != "ok").sum())
     print(f"cached {len(cache)} images at {cache.size}px in {args.out} ({unreadable} unreadable)")
+    return 0
+
+
+def _add_models(jobs: argparse._SubParsersAction) -> None:
+    models = jobs.add_parser("models", help="the backbones medlens names, and which other names work")
+    models.add_argument("--json", action="store_true", help="print one JSON object")
+    models.set_defaults(handler=_models)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from medlens.models import describe_models
+
+    described = describe_models()
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    width = max(len(model["name"]) for model in described["models"])
+    for model in described["models"]:
+        print(f"{model['name']:<{width}}  {model['summary']}")
+    print(f"\n{described['any_timm_name']}")
+    xrv = described["torchxrayvision_weights"]
+    print(f"torchxrayvision weights, read from {xrv['folder']}: {', '.join(xrv['names'])}")
     return 0
 
 

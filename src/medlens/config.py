@@ -62,6 +62,10 @@ class ModelConfig:
     head_hidden: list[int] = field(default_factory=list)
     head_dropout: float = 0.0
     drop_rate: float = 0.0
+    # What the weights expect of an input, where they do not say it themselves (None: what they say).
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    input_size: int | None = None
     probe: str = "svm"
     """The classical head of ``strategy: probe``."""
     probe_params: dict[str, Any] = field(default_factory=dict)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import socket
 import time
 
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from medlens.cli import main
 from medlens.errors import CheckpointError, ConfigError
 from medlens.models import (
     STRATEGIES,
@@ -21,9 +23,12 @@ from medlens.models import (
     WeightsUnavailableError,
     apply_strategy,
     create_model,
+    describe_models,
+    get_backbone_spec,
     list_models,
     param_groups,
 )
+from medlens.models import weights as weights_module
 from medlens.models.weights import LOCAL_FILE_HINT, hub_reachable
 
 SIDE = 64  # small enough for resnet50 on CPU, a multiple of every stride and of the ViT patch
@@ -56,6 +61,93 @@ def test_registry_names_the_required_backbones():
 def test_unknown_model_names_the_choices():
     with pytest.raises(ConfigError, match="densenet121"):
         create_model("densenet12", num_classes=2)
+    with pytest.raises(ConfigError, match=r"did you mean .*convnext_small.* any other name timm\.list_models\(\)"):
+        create_model("convnext_smal", num_classes=2)
+    with pytest.raises(ConfigError, match=r"model\.name: resnet50 and model\.pretrained: timm/resnet50\.a1_in1k"):
+        create_model("resnet50.a1_in1k", num_classes=2)
+
+
+@pytest.mark.parametrize("name", ["densenet169", "efficientnet_b3", "convnext_small", "swin_tiny_patch4_window7_224"])
+def test_any_timm_name_is_a_backbone(name):
+    spec = get_backbone_spec(name)
+    assert spec.timm_name == name and spec.cam_layer is None and spec.layout is None  # derived when built
+
+
+HAND_NAMED = {
+    # The CAM layers medlens once listed by hand; derivation must find the same ones.
+    "resnet50": ("layer4", "nchw"),
+    "resnetv2_50": ("norm", "nchw"),
+    "densenet121": ("features.norm5", "nchw"),
+    "efficientnet_b0": ("bn2", "nchw"),
+    "convnext_tiny": ("stages.3", "nchw"),
+    "vit_small_patch16_224": ("blocks.11.norm1", "tokens"),
+    "resnet18": ("layer4", "nchw"),
+    "tiny": ("layer4", "nchw"),
+    "test_resnet": ("layer4", "nchw"),
+    "test_efficientnet": ("bn2", "nchw"),
+    "test_convnext": ("stages.3", "nchw"),
+    "test_vit": ("blocks.5.norm1", "tokens"),
+}
+
+
+@pytest.mark.parametrize("name", list(HAND_NAMED))
+def test_derived_cam_layers_are_the_hand_named_ones(name):
+    assert (built(name).spec.cam_layer, built(name).spec.layout) == HAND_NAMED[name]
+
+
+def test_describe_models_and_the_cli_list_them(capsys):
+    described = describe_models()
+    names = [m["name"] for m in described["models"]]
+    assert names == list_models() and all(m["summary"] for m in described["models"])
+    assert "timm.list_models()" in described["any_timm_name"] and described["timm_models"] > 1000
+    assert "xrv:densenet121-res224-all" in described["torchxrayvision_weights"]["names"]
+
+    assert main(["models", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == described
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in names) and "timm.list_models()" in text and "xrv:" in text
+
+
+def test_a_backbone_without_timms_group_matcher_is_grouped_by_its_modules():
+    model = create_model("poolformerv2_s12", num_classes=2)
+    assert not hasattr(model.backbone, "group_matcher")
+    blocks = model.blocks()
+    params = [id(p) for block in blocks for p in block.parameters]
+    assert len(params) == len(set(params)) == len(list(model.backbone.parameters()))
+    assert [block.name for block in blocks] == ["stem", "stages.0", "stages.1", "stages.2", "stages.3 + head"]
+    apply_strategy(model, "last_n", last_n=1)
+    assert {n for n, p in model.backbone.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.backbone.named_parameters() if n.startswith(("stages.3.", "head."))
+    }
+
+
+def test_a_backbone_without_a_spatial_map_is_refused():
+    with pytest.raises(ConfigError, match="pit_ti_224: its last features form a 1-cell map"):
+        create_model("pit_ti_224", num_classes=2)
+
+
+@pytest.fixture
+def hub_weights_without_download(monkeypatch):
+    """timm builds hub models with the tag's pretrained_cfg but loads no weights, so nothing is fetched."""
+    monkeypatch.setattr(weights_module, "hub_reachable", lambda: True)
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda *args, **kwargs: None)
+
+
+@pytest.mark.parametrize(
+    ("name", "hub", "mean", "side"),
+    [
+        ("efficientnet_b0", "timm/efficientnet_b0.ra4_e3600_r224_in1k", 0.5, 224),
+        ("resnet18", "timm/resnet18.a3_in1k", 0.449, 160),
+        ("resnet18", True, 0.449, 224),
+    ],
+)
+def test_hub_weights_bring_their_preprocessing(hub_weights_without_download, name, hub, mean, side):
+    model = create_model(name, num_classes=2, pretrained=hub)
+    assert model.mean == pytest.approx((mean,), abs=1e-3) and model.input_size == (1, side, side)
+    assert model.preprocessing.source == "hub"
+    expected = hub if isinstance(hub, str) else f"timm/{name}.{timm.models.get_pretrained_cfg(name).tag}"
+    assert model.weights_info == {"source": expected, "format": "hub", "sha256": None}
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])
@@ -180,7 +272,8 @@ def test_medlens_safetensors_load_into_a_fresh_model(tmp_path):
     source = create_model("test_resnet", num_classes=3, in_chans=3)
     save_file(source.state_dict(), tmp_path / "run.safetensors")
     torch.manual_seed(2)
-    loaded = create_model("test_resnet", num_classes=3, in_chans=3, pretrained=tmp_path / "run.safetensors")
+    with pytest.warns(UserWarning, match="default is assumed"):
+        loaded = create_model("test_resnet", num_classes=3, in_chans=3, pretrained=tmp_path / "run.safetensors")
     assert _backbone_equal(source, loaded)
     assert not torch.equal(source.head.weight, loaded.head.weight), "the head must start fresh"
 
@@ -189,7 +282,8 @@ def test_timm_state_dict_adapts_to_one_channel(tmp_path):
     source = timm.create_model("test_resnet", num_classes=10)
     state = {f"module.{k}": v for k, v in source.state_dict().items()}  # as a DataParallel run saves it
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "rgb.pt")
-    loaded = create_model("test_resnet", num_classes=2, in_chans=1, pretrained=str(tmp_path / "rgb.pt"))
+    with pytest.warns(UserWarning, match="default is assumed"):
+        loaded = create_model("test_resnet", num_classes=2, in_chans=1, pretrained=str(tmp_path / "rgb.pt"))
     stem = "conv1.0.weight"
     adapted = timm.models.adapt_input_conv(1, source.state_dict()[stem])
     assert torch.equal(loaded.backbone.state_dict()[stem], adapted)
@@ -204,7 +298,7 @@ def test_incomplete_or_extra_weights_are_reported(tmp_path):
     with pytest.raises(CheckpointError, match=r"lacks .* e\.g\. \['layer4"):
         create_model("test_resnet", num_classes=2, pretrained=tmp_path / "part.safetensors")
     save_file({**state, "aux.weight": torch.zeros(2)}, tmp_path / "extra.safetensors")
-    with pytest.warns(UserWarning, match="aux.weight"):
+    with pytest.warns(UserWarning, match="aux.weight"), pytest.warns(UserWarning, match="default is assumed"):
         create_model("test_resnet", num_classes=2, pretrained=tmp_path / "extra.safetensors")
     with pytest.raises(CheckpointError, match="not found"):
         create_model("test_resnet", num_classes=2, pretrained=tmp_path / "absent.pth")

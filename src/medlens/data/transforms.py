@@ -1,8 +1,9 @@
 """Pixel transforms shared by training, inference and the preprocessing cache, so preprocessing never drifts.
 
 :func:`prepare_image` is the one path from a read image to the uint8 model-size image: optional border crop,
-squash-resize, 8-bit quantisation, optional contrast enhancement. The cache builder stores its output and
-a loaded model (medlens.inference) computes it live, both with the options a checkpoint's manifest records.
+squash-resize (or a centre crop to a square first, as torchxrayvision's weights expect), 8-bit quantisation,
+optional contrast enhancement. The cache builder stores its output and a loaded model (medlens.inference)
+computes it live, both with the options a checkpoint's manifest records.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import numpy as np
 
 CONTRASTS = ("none", "histeq", "clahe")
 """``none``; ``histeq``: global histogram equalisation; ``clahe``: contrast-limited adaptive equalisation."""
+
+RESIZE_MODES = ("squash", "centre-crop")
+"""``squash``: the whole image stretched to the square; ``centre-crop``: its centred square of side
+min(H, W) resized, as torchxrayvision's ``XRayCenterCrop`` then ``XRayResizer`` do."""
 
 CLAHE_CLIP_LIMIT = 2.0
 CLAHE_TILES = 8
@@ -57,9 +62,12 @@ def resize_map(heatmap: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def prepare_image(pixels: np.ndarray, size: int, contrast: str = "none", crop_border: float | str = 0.0) -> np.ndarray:
+def prepare_image(
+    pixels: np.ndarray, size: int, contrast: str = "none", crop_border: float | str = 0.0, resize: str = "squash"
+) -> np.ndarray:
     """A read float [0, 1] image -> the uint8 ``size`` x ``size`` image a model sees (before normalising)."""
-    cropped = crop_border_of(pixels, crop_border)
+    top, bottom, left, right = view_box(pixels, crop_border, resize)
+    cropped = pixels[top:bottom, left:right]
     quantised = np.rint(resize_image(cropped, size) * 255.0).astype(np.uint8)
     return enhance_contrast(quantised, contrast)
 
@@ -88,6 +96,23 @@ def crop_border_of(pixels: np.ndarray, crop_border: float | str) -> np.ndarray:
     """
     top, bottom, left, right = crop_box(pixels, crop_border)
     return pixels[top:bottom, left:right]
+
+
+def view_box(pixels: np.ndarray, crop_border: float | str, resize: str = "squash") -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` of the region of ``pixels`` that :func:`prepare_image` resizes.
+
+    The border crop's box, and with ``centre-crop`` the centred square inside it (the odd pixel of an odd
+    difference left on the top or left side, as torchxrayvision's crop leaves it).
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
+    top, bottom, left, right = crop_box(pixels, crop_border)
+    if resize == "centre-crop":
+        side = min(bottom - top, right - left)
+        top += (bottom - top) // 2 - side // 2
+        left += (right - left) // 2 - side // 2
+        bottom, right = top + side, left + side
+    return top, bottom, left, right
 
 
 def crop_box(pixels: np.ndarray, crop_border: float | str) -> tuple[int, int, int, int]:

@@ -1,12 +1,14 @@
-"""The backbones medlens knows by name, and what each needs beyond timm's defaults.
+"""The backbones medlens names itself, and any other timm model by its own name.
 
-Configs and the CLI say ``densenet121``, never an import path. Each entry names the timm architecture,
-the module a CAM should hook, whether that module emits tokens (ViT) instead of a feature map, and any
-timm keyword it needs. Everything else (input size, normalisation, classifier name, first conv, the
-block grouping ``last_n`` counts) is read from timm's own model, so it cannot drift from the weights.
+Configs and the CLI say ``densenet121``, never an import path. Any name ``timm.list_models()`` lists works;
+the layer a CAM should hook, how that layer lays out its features, the input size, the normalisation, the
+classifier name, the first conv and the block grouping ``last_n`` counts are all read from timm's own
+model (see :mod:`medlens.models.features`), so they cannot drift from the weights. The registry holds only
+what medlens adds: its defaults with a one-line summary for ``medlens models``, names of its own
+(``tiny``), input sizes for the tests' models, and the exceptions where a derived value would be wrong.
 
-How many blocks ``last_n`` can count for each backbone (the stem first, the last block carrying the
-final norm; see :meth:`medlens.models.Classifier.blocks`)::
+How many blocks ``last_n`` can count for each registered backbone (the stem first, the last block carrying
+the final norm; see :meth:`medlens.models.Classifier.blocks`)::
 
     resnet50 17, resnetv2_50 17, densenet121 59, efficientnet_b0 17, convnext_tiny 19,
     vit_small_patch16_224 13, resnet18 9, tiny 5, test_* 5-10
@@ -14,27 +16,44 @@ final norm; see :meth:`medlens.models.Classifier.blocks`)::
 
 from __future__ import annotations
 
+import difflib
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from medlens.errors import ConfigError
 
+LAYOUTS = ("nchw", "nhwc", "tokens")
+"""How a CAM layer lays out its output: ``(B, C, H, W)``, ``(B, H, W, C)`` (Swin, MambaOut), or
+``(B, prefix + H*W, C)`` tokens (ViT, DeiT, EVA, Mixer); ``Classifier.cam_reshape`` maps the last two."""
+
+ANY_TIMM_NAME = (
+    "any other name timm.list_models() lists works too (e.g. densenet169, efficientnet_b3, convnext_small, "
+    "swin_tiny_patch4_window7_224); hub weights go in model.pretrained, e.g. timm/convnext_small.fb_in22k"
+)
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What medlens needs to know about one backbone that timm does not say itself."""
+    """What medlens needs to know about one backbone beyond what timm's model says itself."""
 
     name: str
     timm_name: str
-    cam_layer: str
-    """Dotted path, inside the timm model, of the module whose output a CAM should weigh."""
     summary: str
-    tokens: bool = False
-    """``cam_layer`` emits ``(B, prefix + H*W, C)`` tokens, which ``Classifier.cam_reshape`` maps."""
+    cam_layer: str | None = None
+    """Dotted path, inside the timm model, of the module whose output a CAM should weigh; ``None``: derived."""
+    layout: str | None = None
+    """One of :data:`LAYOUTS` for ``cam_layer``'s output; ``None``: derived with it."""
     image_size: int | None = None
-    """Default input side; ``None`` takes timm's pretrained input size."""
+    """Default input side; ``None`` takes the weights' (timm's pretrained) input size."""
     timm_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ConfigError(f"backbone {self.name!r}: layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if (self.cam_layer is None) != (self.layout is None):
+            raise ConfigError(f"backbone {self.name!r}: give cam_layer and layout together, or neither to derive both")
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -49,44 +68,79 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
 
 
 def list_models() -> list[str]:
-    """The names :func:`medlens.models.create_model` accepts, sorted."""
+    """The names medlens registers itself, sorted; :data:`ANY_TIMM_NAME` says what else works."""
     return sorted(_REGISTRY)
 
 
+def describe_models() -> dict[str, Any]:
+    """What ``medlens models`` shows: each registered name with its timm model and summary, and the rest."""
+    from medlens.models.xrv import XRV_WEIGHTS, xrv_folder
+
+    return {
+        "models": [
+            {"name": spec.name, "timm_name": spec.timm_name, "summary": spec.summary}
+            for spec in map(get_backbone_spec, list_models())
+        ],
+        "any_timm_name": ANY_TIMM_NAME,
+        "timm_models": len(_timm_names()),
+        "torchxrayvision_weights": {
+            "names": [f"xrv:{name}" for name in XRV_WEIGHTS],
+            "folder": str(xrv_folder()),
+        },
+    }
+
+
 def get_backbone_spec(name: str) -> BackboneSpec:
-    try:
+    """The registered spec for ``name``, or a derived one for a timm model name; else a ConfigError."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown model name {name!r}; choose one of {', '.join(list_models())}") from None
+    if name in _timm_names():
+        return BackboneSpec(name, name, f"timm's {name}")
+    arch, _, tag = name.partition(".")
+    if tag and arch in _timm_names():
+        raise ConfigError(
+            f"model name {name!r} carries a weights tag: set model.name: {arch} and model.pretrained: timm/{name}"
+        )
+    close = difflib.get_close_matches(name, [*_REGISTRY, *_timm_names()], n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(
+        f"unknown model name {name!r}; {hint}medlens names {', '.join(list_models())}, and {ANY_TIMM_NAME}"
+    )
 
 
-# ViTs accept any input side a multiple of the patch (position embeddings are interpolated), so a model
-# trained at 128 px needs no img_size of its own and checkpoints keep timm's 224 px shapes.
-_VIT = {"dynamic_img_size": True}
+@functools.cache
+def _timm_names() -> frozenset[str]:
+    import timm
+
+    return frozenset(timm.list_models())
+
 
 for _spec in (
-    BackboneSpec("resnet50", "resnet50", "layer4", "ResNet-50, the default X-ray backbone"),
-    BackboneSpec("resnetv2_50", "resnetv2_50", "norm", "pre-activation ResNet-50 (BiT family)"),
-    BackboneSpec("densenet121", "densenet121", "features.norm5", "DenseNet-121, as in CheXNet"),
-    BackboneSpec("efficientnet_b0", "efficientnet_b0", "bn2", "EfficientNet-B0, small and strong"),
-    BackboneSpec("convnext_tiny", "convnext_tiny", "stages.3", "ConvNeXt-T"),
-    BackboneSpec(
-        "vit_small_patch16_224", "vit_small_patch16_224", "blocks.11.norm1", "ViT-S/16",
-        tokens=True, timm_kwargs=_VIT,
-    ),
-    BackboneSpec("resnet18", "resnet18", "layer4", "ResNet-18, a quick baseline"),
+    BackboneSpec("resnet50", "resnet50", "ResNet-50, the default X-ray backbone"),
+    BackboneSpec("resnetv2_50", "resnetv2_50", "pre-activation ResNet-50 (BiT family)"),
+    BackboneSpec("densenet121", "densenet121", "DenseNet-121, as in CheXNet and torchxrayvision"),
+    BackboneSpec("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0, small and strong"),
+    BackboneSpec("convnext_tiny", "convnext_tiny", "ConvNeXt-T"),
+    BackboneSpec("vit_small_patch16_224", "vit_small_patch16_224", "ViT-S/16, any input side a multiple of 16"),
+    BackboneSpec("resnet18", "resnet18", "ResNet-18, a quick baseline"),
     # Output stride 16 (a dilated last stage) gives an 8x8 CAM grid at 128 px instead of 4x4: the demo's
     # heatmaps must be able to point inside a nodule-sized box.
     BackboneSpec(
-        "tiny", "resnet10t", "layer4", "ResNet-10-T at 128 px with output stride 16, the demo's CPU CNN",
+        "tiny", "resnet10t", "ResNet-10-T at 128 px with output stride 16, the demo's CPU CNN",
         image_size=128, timm_kwargs={"output_stride": 16},
     ),
-    BackboneSpec("test_resnet", "test_resnet", "layer4", "timm's test ResNet, for tests", image_size=64),
-    BackboneSpec("test_efficientnet", "test_efficientnet", "bn2", "timm's test EfficientNet", image_size=64),
-    BackboneSpec("test_convnext", "test_convnext", "stages.3", "timm's test ConvNeXt", image_size=64),
+    BackboneSpec("test_resnet", "test_resnet", "timm's test ResNet, for tests", image_size=64),
+    BackboneSpec("test_efficientnet", "test_efficientnet", "timm's test EfficientNet", image_size=64),
+    BackboneSpec("test_convnext", "test_convnext", "timm's test ConvNeXt", image_size=64),
+    BackboneSpec("test_vit", "test_vit", "timm's test ViT", image_size=64),
+    # timm has no test DenseNet or Swin: these are the real architectures, narrowed and shortened.
     BackboneSpec(
-        "test_vit", "test_vit", "blocks.5.norm1", "timm's test ViT", tokens=True, image_size=64,
-        timm_kwargs=_VIT,
+        "test_densenet", "densenet121", "DenseNet-121 cut to one layer per block and growth 8, for tests",
+        image_size=64, timm_kwargs={"growth_rate": 8, "block_config": (1, 1, 1, 1)},
+    ),
+    BackboneSpec(
+        "test_swin", "swin_tiny_patch4_window7_224", "Swin-T cut to one block per stage and 16 channels, for tests",
+        image_size=64, timm_kwargs={"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)},
     ),
 ):
     register_backbone(_spec)

@@ -1,10 +1,13 @@
-"""Pretrained backbone weights: from a local file (offline, safe) or from the Hugging Face hub.
+"""Pretrained backbone weights: from a local file (offline, safe), torchxrayvision's, or the Hugging Face hub.
 
 A local file is ``.safetensors`` or a PyTorch state dict (``.pt``/``.pth``/``.bin``) read with
-``torch.load(weights_only=True)``, so no code inside it ever runs. Its keys are mapped onto the timm
-backbone: wrapper prefixes (``module.``, ``model.``, ``backbone.``) are stripped, the original classifier
-is dropped (the medlens head is always freshly initialised), and a 3-channel stem is adapted to the
-model's ``in_chans``. Every backbone weight must be present; extra keys are reported in a warning.
+``torch.load(weights_only=True)``, so no code inside it ever runs; ``xrv:...`` names torchxrayvision's
+files, read as :mod:`medlens.models.xrv` says. Keys are mapped onto the timm backbone: wrapper prefixes
+(``module.``, ``model.``, ``backbone.``) are stripped, the original classifier is dropped (the medlens head
+is always freshly initialised), and the stem is adapted to the model's ``in_chans``. Every backbone weight
+must be present; extra keys are reported in a warning. What the weights expect of an input comes with
+them (:mod:`medlens.models.preprocessing`), and each read says where they came from (source, format,
+SHA-256): the record ``Classifier.weights_info`` keeps for a checkpoint's manifest.
 
 Hub weights need a network. Where there is none, medlens notices within about a second, switches the hub
 client to offline mode (a copy already in the hub cache still loads) and otherwise raises
@@ -22,6 +25,7 @@ import threading
 import urllib.parse
 import urllib.request
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,17 @@ import torch
 from torch import nn
 
 from medlens.errors import CheckpointError, ConfigError
+from medlens.io import file_sha256
+from medlens.models.preprocessing import read_sidecar, sidecar_path
+from medlens.models.xrv import (
+    XRV_INPUT_SCALING,
+    XRV_PREFIX,
+    XRV_RESIZE,
+    find_xrv_weights,
+    input_size_for,
+    is_xrv,
+    read_xrv_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +55,29 @@ HUB_PROBE_SECONDS = 1.0
 
 
 class WeightsUnavailableError(CheckpointError):
-    """Pretrained weights were asked for from the hub but cannot be fetched (offline, unknown name)."""
+    """Pretrained weights cannot be had here: the hub is out of reach, or a named file is not where it belongs."""
+
+
+@dataclass(frozen=True)
+class LocalWeights:
+    """A local weights file read: its tensors, its record, and the preprocessing its format and sidecar imply."""
+
+    path: Path
+    state: dict[str, torch.Tensor] = field(repr=False)
+    info: dict[str, str | None]
+    """``source`` (as configured, or the file), ``format`` and ``sha256`` of the file: the manifest's record."""
+    implied: dict[str, Any] = field(default_factory=dict)
+    """Preprocessing the format implies (torchxrayvision's), keys as in a sidecar."""
+    sidecar: dict[str, Any] | None = None
 
 
 def is_weights_file(pretrained: object) -> bool:
-    """Whether a ``pretrained`` setting names a local file rather than ``True`` or a hub name."""
+    """Whether a ``pretrained`` setting names a local file (or ``xrv:...``) rather than ``True`` or a hub name."""
     if isinstance(pretrained, Path):
         return True
-    return isinstance(pretrained, str) and (
-        pretrained.lower().endswith(WEIGHT_SUFFIXES) or Path(pretrained).expanduser().is_file()
-    )
+    if not isinstance(pretrained, str):
+        return False
+    return is_xrv(pretrained) or pretrained.lower().endswith(WEIGHT_SUFFIXES) or Path(pretrained).expanduser().is_file()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -71,16 +99,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(exc))
+        xrv = f"; read a torchxrayvision file as model.pretrained: xrv:{path}" if "torchxrayvision" in str(exc) else ""
         raise CheckpointError(
             f"{path}: refused to load: it holds Python objects, not just tensors, and loading them could run "
-            f"code ({found.group(1) if found else exc}). Re-save the plain state dict, ideally as .safetensors"
+            f"code ({found.group(1) if found else exc}). Re-save the plain state dict, ideally as .safetensors{xrv}"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({exc})") from None
-    return _tensors_only(path, loaded)
+    return tensors_only(path, loaded)
 
 
-def _tensors_only(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
+def tensors_only(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
     """The state dict itself, also when a training checkpoint nests it under ``state_dict`` or ``model``."""
     for key in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
@@ -113,11 +142,52 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
+def read_local_weights(pretrained: str | Path, architecture: str) -> LocalWeights:
+    """Read a local file or ``xrv:...`` weights meant for the timm ``architecture``, with its sidecar.
+
+    Everything that can be wrong with the file is found here, before any model is built.
+    """
+    implied: dict[str, Any] = {}
+    if is_xrv(pretrained):
+        path, release = find_xrv_weights(str(pretrained), architecture)
+        state, form = read_xrv_state(path)
+        named = release is not None and pretrained == f"{XRV_PREFIX}{release.name}"
+        source = str(pretrained) if named else f"{XRV_PREFIX}{path}"
+        implied = {
+            "input_scaling": XRV_INPUT_SCALING,
+            "input_size": input_size_for(release, architecture),
+            "resize": XRV_RESIZE,
+        }
+    else:
+        path = Path(pretrained).expanduser()
+        state = read_state_dict(path)
+        form, source = ("timm-safetensors" if path.suffix == ".safetensors" else "timm-state-dict"), str(path)
+    sidecar = read_sidecar(path)
+    if sidecar and sidecar.get("architecture") not in (None, architecture):
+        raise CheckpointError(
+            f"{sidecar_path(path)} says these are {sidecar['architecture']} weights, not {architecture}: set "
+            f"model.name: {sidecar['architecture']}, or correct the sidecar"
+        )
+    return LocalWeights(path, state, {"source": source, "format": form, "sha256": file_sha256(path)}, implied, sidecar)
+
+
+def hub_weights_info(backbone: nn.Module, hub_name: str | None) -> dict[str, str | None]:
+    """The record of hub weights: the repo asked for, else the timm tag that was fetched."""
+    cfg = backbone.pretrained_cfg
+    tag = f".{cfg['tag']}" if cfg.get("tag") else ""
+    return {"source": hub_name or f"timm/{cfg['architecture']}{tag}", "format": "hub", "sha256": None}
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load a local weights file into a timm backbone, strictly: every backbone weight must be there."""
+    load_state(backbone, read_state_dict(path), path)
+
+
+def load_state(backbone: nn.Module, loaded: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load the tensors read from ``path`` into a timm backbone, strictly: every backbone weight must be there."""
     cfg = backbone.pretrained_cfg
     arch = cfg.get("architecture", type(backbone).__name__)
-    state = backbone_state(read_state_dict(path), cfg["classifier"])
+    state = backbone_state(loaded, cfg["classifier"])
     expected = backbone.state_dict()
     _adapt_stem(state, expected, f"{cfg['first_conv']}.weight")
 
