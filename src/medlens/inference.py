@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from medlens.backends import ONNX_FILE, OnnxRunner, choose_backend
 from medlens.data.readers import ImageSource, read_image
-from medlens.data.transforms import crop_box, prepare_image, resize_map
+from medlens.data.transforms import prepare_image, resize_map, view_box
 from medlens.errors import CheckpointError, ConfigError
 from medlens.explain.cam import CAM_METHODS, CamExplainer
 from medlens.explain.occlusion import occlusion_map
@@ -240,6 +240,7 @@ class NetworkModel(_Shared):
         self.std: list[float] = list(prep["std"])
         self.contrast: str = prep.get("contrast", "none")
         self.crop_border: float | str = prep.get("crop_border", 0.0)
+        self.resize: str = prep.get("resize", "squash")
         self.inputs = self._inputs_from_manifest("chest-xray")
         spec = manifest.get("model", {})
         self.name: str = spec.get("name", "?")
@@ -284,7 +285,7 @@ class NetworkModel(_Shared):
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """float [0, 1] image -> the uint8 model-size image the cache would hold."""
-        return prepare_image(pixels, self.image_size, self.contrast, self.crop_border)
+        return prepare_image(pixels, self.image_size, self.contrast, self.crop_border, self.resize)
 
     def to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Read images (float [0, 1]) -> the normalised model input batch."""
@@ -359,12 +360,13 @@ class NetworkModel(_Shared):
     def in_image(self, heatmap: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         """A model-input map (a CAM) in the frame of the read image ``pixels``.
 
-        Without a border crop that is the map itself (overlays stretch it); with one, the map covers only
-        the kept region, so it is stretched over that region of an image-sized map that is 0 elsewhere.
+        Without a border crop or a centre crop that is the map itself (overlays stretch it); with one, the map
+        covers only the region the model saw, so it is stretched over that region of an image-sized map that is
+        0 elsewhere.
         """
-        if not self.crop_border:
+        if not self.crop_border and self.resize == "squash":
             return heatmap
-        top, bottom, left, right = crop_box(pixels, self.crop_border)
+        top, bottom, left, right = view_box(pixels, self.crop_border, self.resize)
         framed = np.zeros(pixels.shape[:2], dtype=np.float32)
         framed[top:bottom, left:right] = resize_map(heatmap, (bottom - top, right - left))
         return framed

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medlens.explain.cam import CamExplainer
-from medlens.export import PARITY_TOLERANCE
+from medlens.jobs.export import PARITY_TOLERANCE
 from medlens.models import apply_strategy, create_model, list_models, param_groups
 
 SIDE = 64

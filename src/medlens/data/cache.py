@@ -5,7 +5,7 @@ A cache folder holds:
 - ``images.u8``: raw uint8 rows of shape ``(N, size, size)`` or ``(N, size, size, 3)``, row ``i`` = image ``i``;
 - ``index.csv``: ``index, path`` (as given), ``height, width`` (of the original; 0 if unreadable),
   ``status`` (``ok`` / ``unreadable``) and ``error``;
-- ``cache.json``: ``version, size, channels, contrast, crop_border, n, chunk_size, created``;
+- ``cache.json``: ``version, size, channels, contrast, crop_border, resize, n, chunk_size, created``;
 - ``done.npy``: one flag per chunk of rows, so an interrupted build redoes only its unfinished chunks;
 - ``progress.jsonl``: during a build only, each finished chunk's original sizes and errors.
 
@@ -60,6 +60,7 @@ class _Job:
     channels: int
     contrast: str
     crop_border: float | str
+    resize: str
 
 
 class ImageCache:
@@ -113,11 +114,12 @@ def build_cache(
     progress: bool = True,
     contrast: str = "none",
     crop_border: float | str = 0.0,
+    resize: str = "squash",
 ) -> ImageCache:
     """Decode, resize and store every image once; resumes an interrupted build, returns a finished one as is.
 
     Unreadable images are zero-filled and marked ``unreadable`` in ``index.csv`` with the reason. A cache in
-    ``out`` built from other paths, size, channels or ``contrast`` / ``crop_border`` (see
+    ``out`` built from other paths, size, channels or ``contrast`` / ``crop_border`` / ``resize`` (see
     :func:`~medlens.data.transforms.prepare_image`) is never overwritten: that raises ValueError.
     With ``workers`` > 1 the chunks go to worker processes, which import the main script: call this from
     under ``if __name__ == "__main__":`` there.
@@ -135,9 +137,10 @@ def build_cache(
     out.mkdir(parents=True, exist_ok=True)
     meta, index, done = _read_state(out)
     if meta is None:
-        meta, index, done = _start(out, paths, size, channels, contrast, crop_border)
+        meta, index, done = _start(out, paths, size, channels, _options(contrast, crop_border, resize))
     else:
-        _check_same(out, meta, index, paths, {"size": size, "channels": channels, **_options(contrast, crop_border)})
+        options = _options(contrast, crop_border, resize)
+        _check_same(out, meta, index, paths, {"size": size, "channels": channels, **options})
         done = _recover(out, meta, index, done)
     chunk_size = meta["chunk_size"]
     jobs = [
@@ -150,6 +153,7 @@ def build_cache(
             channels,
             contrast,
             crop_border,
+            resize,
         )
         for k in map(int, np.flatnonzero(~done))
     ]
@@ -202,13 +206,13 @@ def _read_state(out: Path) -> tuple[dict | None, pd.DataFrame | None, np.ndarray
     return meta, index, done
 
 
-def _options(contrast: str, crop_border: float | str) -> dict[str, str | float]:
-    """The preprocessing options as cache.json records them (a cache from before them had neither)."""
-    return {"contrast": contrast, "crop_border": crop_border}
+def _options(contrast: str, crop_border: float | str, resize: str) -> dict[str, str | float]:
+    """The preprocessing options as cache.json records them (a cache from before them had none)."""
+    return {"contrast": contrast, "crop_border": crop_border, "resize": resize}
 
 
 def _start(
-    out: Path, paths: list[str], size: int, channels: int, contrast: str, crop_border: float | str
+    out: Path, paths: list[str], size: int, channels: int, options: dict[str, str | float]
 ) -> tuple[dict, pd.DataFrame, np.ndarray]:
     """Lay out a new cache; cache.json goes last, so its presence means the layout is complete."""
     n = len(paths)
@@ -217,7 +221,7 @@ def _start(
         "version": CACHE_VERSION,
         "size": size,
         "channels": channels,
-        **_options(contrast, crop_border),
+        **options,
         "n": n,
         "chunk_size": chunk_size,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -240,7 +244,7 @@ def _check_same(out: Path, meta: dict, index: pd.DataFrame | None, paths: list[s
     advice = f"choose another --out, or delete {out} to rebuild it"
     if meta.get("version") != CACHE_VERSION:
         raise CacheError(f"{out} holds a cache of version {meta.get('version')!r}, not {CACHE_VERSION}: {advice}")
-    have = {**_options("none", 0.0), **meta}
+    have = {**_options("none", 0.0, "squash"), **meta}
     for key, value in wanted.items():
         if have[key] != value:
             raise CacheError(f"{out} holds a cache with {key}={have[key]}, not the requested {key}={value}: {advice}")
@@ -342,7 +346,7 @@ def _cache_chunk(job: _Job) -> _ChunkResult:
             rows[k] = 0
             facts.append((0, 0, exc.problem))
             continue
-        rows[k] = prepare_image(pixels, job.size, job.contrast, job.crop_border)
+        rows[k] = prepare_image(pixels, job.size, job.contrast, job.crop_border, job.resize)
         facts.append((pixels.shape[0], pixels.shape[1], ""))
     rows.flush()
     return job.chunk, facts

@@ -87,14 +87,14 @@ def cross_validate(
         raise ConfigError(f"cross-validation needs --folds of at least 2, got {k}")
     if config.model.strategy == "probe":
         raise ConfigError("--folds cross-validates networks; a probe's head is regularised by cross-validation already")
-    check_config(config)
+    resize = check_config(config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--folds trains its folds one after another in one process: launch it without torchrun")
     run_dir = Path(run_dir)
     if not resume and (run_dir / FOLDS_FILE).exists():
         raise MedlensError(f"{run_dir} already holds a cross-validation: pass --resume to continue it, or a new --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    config, table = _shared_data(config, run_dir)
+    config, table = _shared_data(config, run_dir, resize)
     splits = _load_or_make_folds(config, run_dir, table, k)
     # Fold models are served only inside the ensemble: only the ensemble is exported.
     fold_config = dataclasses.replace(config, train=dataclasses.replace(config.train, export_onnx=False))
@@ -119,11 +119,11 @@ def cross_validate(
     return metrics
 
 
-def _shared_data(config: Config, run_dir: Path) -> tuple[Config, RecordTable]:
+def _shared_data(config: Config, run_dir: Path, resize: str) -> tuple[Config, RecordTable]:
     """One cache (and one phantom set) for every fold: the config each fold trains with, and the table."""
     data = config.data
     config = dataclasses.replace(config, data=dataclasses.replace(data, cache=data.cache or str(run_dir / "cache")))
-    table, _, _ = load_cached_table(config, run_dir, Engine())
+    table, _, _ = load_cached_table(config, run_dir, Engine(), resize)
     if data.source == PHANTOMS:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, source=str(table.root)))
     return config, table

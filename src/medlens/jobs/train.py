@@ -46,13 +46,13 @@ def train(
 ) -> dict[str, Any]:
     """Train per ``config`` into ``run_dir``; returns the best epoch's validation metrics."""
     run_dir = Path(run_dir)
-    check_config(config)
+    resize = check_config(config)
     engine = engines.start_engine(config.train.device, config.train.precision)
     try:
         check_run_dir(run_dir, resume, engine)
         if config.model.strategy == "probe":
             return train_probe(config, run_dir, engine, progress)
-        data = prepare_data(config, run_dir, engine)
+        data = prepare_data(config, run_dir, engine, resize)
         best = fit(config, run_dir, data, engine, resume, progress and engine.is_main)
         if engine.is_main:
             _after_training(config, run_dir, data, engine, on_calibrated)
@@ -68,7 +68,7 @@ def train(
         engines.shutdown(engine)
 
 
-def check_config(config: Config) -> None:
+def check_config(config: Config) -> str:
     """What can be checked before any data is touched: the split fractions, the model name, head, freezing
     and the weights source.
 
@@ -76,6 +76,8 @@ def check_config(config: Config) -> None:
     ``last_n`` against the architecture's blocks. A local weights file is loaded into it, which checks that
     it exists and fits. Hub weights are only checked to be reachable (about a second); where the hub is not,
     they are loaded from the hub's local cache now, or the error says how to use a local file instead.
+    Returns how the weights want images resized (``squash``, or ``centre-crop`` for torchxrayvision's), which
+    the preprocessing cache then does.
     """
     from medlens.models.weights import hub_reachable, is_weights_file
 
@@ -83,7 +85,7 @@ def check_config(config: Config) -> None:
         from medlens.training.probe import check_probe
 
         check_probe(config)
-        return
+        return "squash"
     d = config.data
     if not (d.val_fraction > 0 and d.test_fraction >= 0 and d.val_fraction + d.test_fraction < 1):
         raise ConfigError(
@@ -94,7 +96,14 @@ def check_config(config: Config) -> None:
     pretrained = config.model.pretrained
     local = is_weights_file(pretrained) or str(pretrained).startswith("xrv:")
     from_hub = bool(pretrained) and not local
-    build_model(config, num_classes=2, pretrained=local or (from_hub and not hub_reachable()))
+    model = build_model(config, num_classes=2, pretrained=local or (from_hub and not hub_reachable()))
+    wanted = model.preprocessing.input_size[-1]
+    if model.preprocessing.source != "architecture" and wanted != d.image_size:
+        log.warning(
+            "the weights (%s) were trained at %d px but data.image_size is %d: they see images at another scale "
+            "than they learned; set data.image_size=%d", model.preprocessing.source, wanted, d.image_size, wanted
+        )
+    return model.preprocessing.resize
 
 
 def check_run_dir(run_dir: Path, resume: bool, engine: Engine) -> None:

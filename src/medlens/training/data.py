@@ -33,9 +33,10 @@ class RunData:
     """Each table row's row in the cache."""
 
 
-def prepare_data(config: Config, run_dir: Path, engine: Engine) -> RunData:
-    """The table, its patient-grouped splits (kept in splits.csv) and the preprocessing cache."""
-    table, cache, cache_rows = load_cached_table(config, run_dir, engine)
+def prepare_data(config: Config, run_dir: Path, engine: Engine, resize: str = "squash") -> RunData:
+    """The table, its patient-grouped splits (kept in splits.csv) and the preprocessing cache (``resize``: as
+    the model's weights want their images, see :data:`medlens.data.transforms.RESIZE_MODES`)."""
+    table, cache, cache_rows = load_cached_table(config, run_dir, engine, resize)
     splits = load_or_make_splits(config, run_dir, table, engine)
     return RunData(table, splits, cache, cache_rows)
 
@@ -57,7 +58,7 @@ def load_table(config: Config, run_dir: Path, engine: Engine) -> RecordTable:
 
 
 def load_cached_table(
-    config: Config, run_dir: Path, engine: Engine
+    config: Config, run_dir: Path, engine: Engine, resize: str = "squash"
 ) -> tuple[RecordTable, ImageCache, np.ndarray]:
     """The table of readable images, the preprocessing cache holding them, and each image's cache row."""
     table = load_table(config, run_dir, engine)
@@ -65,7 +66,13 @@ def load_cached_table(
     cache_dir = Path(d.cache) if d.cache else run_dir / CACHE_DIR
     if engine.is_main:
         build_cache(
-            table.paths, cache_dir, d.image_size, d.channels, contrast=d.contrast, crop_border=d.crop_border
+            table.paths,
+            cache_dir,
+            d.image_size,
+            d.channels,  # type: ignore[arg-type]
+            contrast=d.contrast,
+            crop_border=d.crop_border,
+            resize=resize,
         )
     engine.barrier()
     cache = ImageCache(cache_dir)

@@ -52,6 +52,9 @@ def build_model(config: Config, num_classes: int, pretrained: bool = True) -> nn
         head_hidden=m.head_hidden,
         head_dropout=m.head_dropout,
         drop_rate=m.drop_rate,
+        mean=m.mean,
+        std=m.std,
+        input_size=m.input_size,
     )
     apply_strategy(model, m.strategy, last_n=m.last_n)
     return to_channels_last(model)
@@ -109,10 +112,13 @@ def manifest_for(config: Config, data: RunData, model: nn.Module, engine: Engine
             "channels": config.data.channels,
             "mean": list(model.mean),
             "std": list(model.std),
-            "resize": "squash",
+            "resize": model.preprocessing.resize,
+            "input_scaling": model.preprocessing.input_scaling,
+            "said_by": model.preprocessing.source,
             "contrast": config.data.contrast,
             "crop_border": config.data.crop_border,
         },
+        "weights": model.weights_info,
         "data": {
             "source": str(data.table.root if source == PHANTOMS else Path(source).resolve()),
             "kind": data.table.kind,
