@@ -419,7 +419,7 @@ def _add_faces(jobs: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="medlens train with a dlib_face probe: embed, split by patient, fit a head")
     train.add_argument("source", help="folder of class folders (or a CSV with path, label, patient_id)")
     train.add_argument("--out", required=True, type=Path, help="run folder: best/, splits.csv, config.yaml")
-    train.add_argument("--head", default="svm", help="svm (default), logistic or mlp")
+    train.add_argument("--head", default="svm", help="svm (default), logreg, mlp or knn")
     train.add_argument("--cache", type=Path, help="embedding cache folder (default OUT/embedding-cache)")
     train.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of photos (default 0.2)")
     train.add_argument("--seed", type=int, default=0, help="split and head seed")

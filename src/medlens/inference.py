@@ -150,7 +150,7 @@ def load_model(path: str | Path, backend: str | None = None, spin: bool = True, 
     if kind in NetworkModel.kinds:
         return NetworkModel.from_checkpoint(folder, backend=backend, spin=spin, device=device)
     if kind in ProbeModel.kinds:
-        return ProbeModel.from_checkpoint(folder)
+        return ProbeModel.from_checkpoint(folder, device=device)
     known = ", ".join((*NetworkModel.kinds, *ProbeModel.kinds))
     raise CheckpointError(f"{folder}: unknown checkpoint kind {kind!r} (known: {known}); is medlens up to date?")
 
@@ -386,16 +386,20 @@ class ProbeModel(_Shared):
     """
 
     kinds = ("probe",)
-    cam_methods = (OCCLUSION,)
 
-    def __init__(self, embedder: Any, head: Any, manifest: dict[str, Any], path: Path | None = None):
+    def __init__(
+        self, embedder: Any, head: Any, manifest: dict[str, Any], path: Path | None = None, device: str = "cpu"
+    ):
         self._describe(manifest)
-        self.embedder = embedder
+        self.embedder = embedder.to(torch.device(device)) if hasattr(embedder, "to") else embedder
         self.head = head
         self.path = path
         self.channels = embedder.channels
         self.inputs = self._inputs_from_manifest(embedder.inputs)
         self.network = None
+        self._cam: NetworkModel | None = None
+        linear = hasattr(head, "coef_") and hasattr(embedder, "network")
+        self.cam_methods = (*CAM_METHODS, OCCLUSION) if linear else (OCCLUSION,)
         self.details = tuple(embedder.no_frame_details)
         self.name = f"{manifest['model'].get('head', 'head')} on {embedder.name}"
         self.description = f"{manifest['model'].get('head', 'head')} head on {embedder.name} embeddings"
@@ -406,23 +410,27 @@ class ProbeModel(_Shared):
     backend = "scikit-learn"
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> ProbeModel:
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> ProbeModel:
+        """Load a probe checkpoint: its head, and its embedder (a backbone's weights are in the checkpoint)."""
         from medlens.models.embedders import embedder_from_spec
-        from medlens.models.heads import load_head
+        from medlens.models.heads import EMBEDDER_PREFIX, load_head
 
         folder = resolve_checkpoint(path)
         manifest = read_manifest(folder)
         kind = manifest.get("kind", "classifier")
         if kind not in cls.kinds:
             raise CheckpointError(f"{folder} is a {kind!r} checkpoint, not a probe: load it with load_model")
-        return cls(embedder_from_spec(manifest["embedder"]), load_head(folder), manifest, folder)
+        weights = load_weights(folder)
+        own = {k.removeprefix(EMBEDDER_PREFIX): v for k, v in weights.items() if k.startswith(EMBEDDER_PREFIX)}
+        embedder = embedder_from_spec(manifest["embedder"], own)
+        return cls(embedder, load_head(folder, weights), manifest, folder, resolve_device(device))
 
     def read(self, source: ImageSource, name: str | None = None) -> np.ndarray:
         return read_image(source, channels=self.channels, name=name)  # type: ignore[arg-type]
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        """A read image as the uint8 array the embedder looks at."""
-        return np.rint(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+        """A read image as it is: the embedder finds its frame in it (a face, a backbone's view) when scoring."""
+        return pixels
 
     def logits(self, prepared: Sequence[np.ndarray]) -> Scores:
         frames, problems, details = [], [], []
@@ -471,25 +479,39 @@ class ProbeModel(_Shared):
         self, pixels: np.ndarray, targets: Sequence[int], method: str = OCCLUSION, prepared: Any = None,
         patch_size: int = 30, stride: int = 15,
     ) -> list[Heatmap]:  # fmt: skip
-        """The occlusion map of each output in ``targets`` over the embedder's frame of the image."""
+        """Occlusion maps over the embedder's frame of the image (a face's chip, marked with its landmarks; a
+        backbone's view, in the image's frame); a linear probe on a backbone also has CAMs, through it."""
         if method not in self.cam_methods:
             raise ConfigError(f"unknown heatmap method {method!r} for this model; choose one of {self.cam_methods}")
+        if method != OCCLUSION:
+            return self._cam_model().heatmaps(pixels, targets, method)
         frame = self.embedder.frame(self.prepare(pixels) if prepared is None else prepared, name="image")
 
         def score(images: list[np.ndarray]) -> np.ndarray:
             return self.probabilities(self.head.decision_function(self.embedder.embed_frames(images)))
 
-        backdrop = frame.image.astype(np.float32) / 255.0
-        return [
-            Heatmap(
-                self.labels[j],
-                method,
-                occlusion_map(frame.image, score, int(j), patch_size=patch_size, stride=stride).heatmap,
-                backdrop,
-                frame.marks,
-            )
-            for j in targets
-        ]
+        found = []
+        for j in targets:
+            heat = occlusion_map(frame.image, score, int(j), patch_size=patch_size, stride=stride).heatmap
+            if frame.marks is None:  # the backbone's view of the image: back in the image's frame
+                found.append(Heatmap(self.labels[j], method, self.embedder.in_image(heat, pixels), pixels))
+            else:  # over the face's chip, with its landmarks
+                found.append(Heatmap(self.labels[j], method, heat, frame.image.astype(np.float32) / 255.0, frame.marks))
+        return found
+
+    def _cam_model(self) -> NetworkModel:
+        """The backbone and the linear probe as one network, for CAMs (made once, when first asked)."""
+        if self._cam is None:
+            from medlens.models.embedders import LinearProbeNetwork
+
+            network = LinearProbeNetwork(self.embedder.network, self.head.coef_, self.head.intercept_)
+            manifest = {**self.manifest, "kind": "classifier", "preprocessing": self.embedder.preprocessing}
+            self._cam = NetworkModel(network, manifest, self.path, device=self.embedder.device)
+        return self._cam
+
+    def close(self) -> None:
+        if self._cam is not None:
+            self._cam.close()
 
 
 def model_card(model: Model) -> list[tuple[str, str]]:

@@ -335,7 +335,7 @@ def test_face_reports_rank_five_syndromes_for_a_geneticist_from_the_cli_and_the_
         (tmp_path / "photos" / person.name).mkdir(parents=True)
         for photo in sorted(person.glob("*.jpg"))[:4]:
             (tmp_path / "photos" / person.name / photo.name).symlink_to(photo)
-    train(load_config(None, face_probe(tmp_path / "photos", "model.probe=logistic")), tmp_path / "run", progress=False)
+    train(load_config(None, face_probe(tmp_path / "photos", "model.probe=logreg")), tmp_path / "run", progress=False)
     photo = sorted(people[0].glob("*.jpg"))[-1]
     no_face = sorted((shared_data / "face-probes" / "noface").iterdir())[0]
     out = tmp_path / "reports"

@@ -8,7 +8,8 @@ import pytest
 from medlens.errors import ImageReadError
 from medlens.faces import embed as embed_module
 from medlens.faces.detect import FacesConfig
-from medlens.faces.embed import EmbeddingCache, embed_face, embed_paths, file_sha256, unit_rows
+from medlens.faces.embed import embed_face, embed_paths, face_cache, file_sha256
+from medlens.models.heads import unit_rows
 
 
 def _photos(lfw, person, n):
@@ -55,7 +56,7 @@ def test_cache_is_keyed_by_content_and_settings(lfw, tmp_path):
     assert embed_paths([alias], cache_dir=tmp_path / "cache", progress=False).from_cache.all()
     other = embed_paths([photo], FacesConfig(upsample=0), cache_dir=tmp_path / "cache", progress=False)
     assert not other.from_cache.any()
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = face_cache(tmp_path / "cache")
     assert len(cache) == 1 and cache.get(file_sha256(photo))[1] == 1
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert files == ["hog-up0-chip150-pad0.25.npz", "hog-up1-chip150-pad0.25.npz"]
@@ -63,7 +64,7 @@ def test_cache_is_keyed_by_content_and_settings(lfw, tmp_path):
 
 def test_a_corrupt_cache_is_rebuilt_not_fatal(tmp_path):
     (tmp_path / "hog-up1-chip150-pad0.25.npz").write_bytes(b"not a zip")
-    assert len(EmbeddingCache(tmp_path)) == 0
+    assert len(face_cache(tmp_path)) == 0
 
 
 def test_missing_photo_is_named(tmp_path):

@@ -105,7 +105,7 @@ def test_an_image_model_checkpoint_is_not_a_probe(tmp_path):
 def test_the_face_config_is_one_config_checked_before_any_photo(tiny_faces, tmp_path):
     config = load_config(FACE_CONFIG)
     assert config.model.strategy == "probe" and config.model.name == "dlib_face" and config.model.probe == "svm"
-    assert load_config(FACE_CONFIG, ["model.probe=logistic", "model.probe_params={}"]).model.probe == "logistic"
+    assert load_config(FACE_CONFIG, ["model.probe=logreg", "model.probe_params={}"]).model.probe == "logreg"
     with pytest.raises(ConfigError, match=r"data\.source"):
         load_config(FACE_CONFIG, ["data.sources=x"])
     with pytest.raises(ConfigError, match="hog, cnn"):
@@ -128,9 +128,9 @@ def test_faces_alias_embed_train_predict_explain(tiny_faces, face_cache, lfw, tm
     assert main(["faces", "embed", str(tiny_faces), "--cache", str(face_cache)]) == 0
     assert "10 photos, 10 already cached, 0 without a face" in capsys.readouterr().out
     run = tmp_path / "run"
-    argv = ["faces", "train", str(tiny_faces), "--out", str(run), "--head", "logistic", "--cache", str(face_cache)]
+    argv = ["faces", "train", str(tiny_faces), "--out", str(run), "--head", "logreg", "--cache", str(face_cache)]
     assert main(argv) == 0
-    assert "logistic: accuracy" in capsys.readouterr().out
+    assert "logreg: accuracy" in capsys.readouterr().out
     photo = sorted((lfw / "Tony_Blair").glob("*.jpg"))[-1]
     assert main(["faces", "predict", str(run), str(photo), "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)

@@ -31,8 +31,8 @@ def _fast(name):
 
 
 def test_the_registry_holds_the_three_heads():
-    assert list_heads() == ["svm", "logistic", "mlp"]
-    with pytest.raises(ConfigError, match="svm, logistic, mlp"):
+    assert list_heads() == ["svm", "logreg", "mlp", "knn"]
+    with pytest.raises(ConfigError, match="svm, logreg, mlp, knn"):
         create_head("random_forest")
     with pytest.raises(ConfigError, match="valid parameters: C"):
         create_head("svm", kernel="rbf")
@@ -137,7 +137,7 @@ def test_svm_top1_at_least_090_on_a_photo_disjoint_lfw_split(lfw_split):
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("name", ["logistic", "mlp"])
+@pytest.mark.parametrize("name", ["logreg", "mlp", "knn"])
 def test_other_heads_on_the_same_split(lfw_split, name):
     s = lfw_split
     head = create_head(name).fit(s.embeddings[s.train], s.names[s.train])

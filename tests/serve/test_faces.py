@@ -28,7 +28,7 @@ def face_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         (root / "photos" / person).mkdir(parents=True)
         for photo in sorted((shared_data / "faces-lfw15" / person).glob("*.jpg"))[:6]:
             (root / "photos" / person / photo.name).symlink_to(photo)
-    train(load_config(None, face_probe(root / "photos", "model.probe=logistic")), root / "run", progress=False)
+    train(load_config(None, face_probe(root / "photos", "model.probe=logreg")), root / "run", progress=False)
     return root / "run"
 
 

@@ -18,7 +18,7 @@ from medlens.data.phantoms import generate_phantoms
 from medlens.data.records import load_source
 from medlens.errors import UsageError
 from medlens.explain.cam import CamExplainer
-from medlens.inference import NetworkModel, load_model
+from medlens.inference import NetworkModel
 from medlens.jobs.train import train
 from medlens.models import create_model
 from medlens.models.checkpoint import load_weights, read_manifest

@@ -8,9 +8,7 @@ the keys, descriptors and face counts, photos without a face included, and is re
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +19,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medlens.data.readers import ImageSource
-from medlens.errors import ImageReadError
 from medlens.faces.detect import (
     DEFAULT_SETTINGS,
     DetectedFace,
@@ -31,7 +28,7 @@ from medlens.faces.detect import (
     load_rgb,
 )
 from medlens.faces.dlib_models import descriptor_model
-from medlens.io import file_sha256 as sha256_of_file
+from medlens.models.embedding import EmbeddingCache, Frame, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -90,72 +87,9 @@ def embed_face(
     return FaceEmbedding(vector, face, time.perf_counter() - started)
 
 
-def unit_rows(embeddings: Any) -> np.ndarray:
-    """Embeddings as float64 N x D rows of length 1; NaN rows (photos without a face) are refused."""
-    x = np.asarray(embeddings, dtype=np.float64)
-    if x.ndim != 2 or len(x) == 0:
-        raise ValueError(f"expected an N x D matrix of embeddings, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x).all(axis=1)).sum())
-        raise ValueError(f"{bad} embeddings hold NaN/inf (photos without a face?); drop those rows first")
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, or :class:`ImageReadError` naming the file."""
-    try:
-        return sha256_of_file(path)
-    except OSError as exc:
-        raise ImageReadError(str(path), f"cannot be read ({exc.strerror or exc})") from None
-
-
-class EmbeddingCache:
-    """Descriptors by image SHA-256 for one detector setting, in ``FOLDER/<settings.tag>.npz``."""
-
-    def __init__(self, folder: str | Path, settings: FacesConfig = DEFAULT_SETTINGS):
-        self.path = Path(folder) / f"{settings.tag}.npz"
-        self.settings = settings
-        self._rows: dict[str, tuple[np.ndarray, int]] = {}
-        self._dirty = False
-        if self.path.is_file():
-            self._load()
-
-    def _load(self) -> None:
-        try:
-            with np.load(self.path, allow_pickle=False) as stored:
-                keys, vectors, counts = stored["keys"], stored["embeddings"], stored["n_faces"]
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("%s: unreadable embedding cache (%s); starting an empty one", self.path, exc)
-            return
-        self._rows = {str(k): (v, int(n)) for k, v, n in zip(keys, vectors, counts, strict=True)}
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def get(self, sha256: str) -> tuple[np.ndarray, int] | None:
-        """(descriptor, face count) for an image hash, or None when it was never embedded."""
-        return self._rows.get(sha256)
-
-    def put(self, sha256: str, vector: np.ndarray, n_faces: int) -> None:
-        self._rows[sha256] = (np.asarray(vector, dtype=np.float32), int(n_faces))
-        self._dirty = True
-
-    def save(self) -> None:
-        """Write the cache atomically (a temporary sibling renamed over it); a no-op when nothing changed."""
-        if not self._dirty:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        keys = list(self._rows)
-        tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(
-            tmp,
-            keys=np.array(keys, dtype=str),
-            embeddings=np.stack([self._rows[k][0] for k in keys]).astype(np.float32),
-            n_faces=np.array([self._rows[k][1] for k in keys], dtype=np.int32),
-            settings=np.array(json.dumps({**self.settings.to_dict(), "embedder": EMBEDDER})),
-        )
-        os.replace(tmp, self.path)
-        self._dirty = False
+def face_cache(folder: str | Path, settings: FacesConfig = DEFAULT_SETTINGS) -> EmbeddingCache:
+    """The cache of descriptors for one detector setting, ``FOLDER/<settings.tag>.npz``."""
+    return EmbeddingCache(folder, settings.tag, {**settings.to_dict(), "embedder": EMBEDDER})
 
 
 def embed_paths(
@@ -170,7 +104,7 @@ def embed_paths(
     raises :class:`ImageReadError` after the work done so far is saved to the cache.
     """
     paths = [Path(p) for p in paths]
-    cache = EmbeddingCache(cache_dir, settings) if cache_dir is not None else None
+    cache = face_cache(cache_dir, settings) if cache_dir is not None else None
     embeddings = np.full((len(paths), EMBEDDING_SIZE), np.nan, dtype=np.float32)
     n_faces = np.zeros(len(paths), dtype=np.int64)
     from_cache = np.zeros(len(paths), dtype=bool)
@@ -218,18 +152,6 @@ def _embed_for_batch(path: Path, settings: FacesConfig, totals: dict[str, float]
     return found.vector, found.face.n_faces
 
 
-@dataclass
-class FaceFrame:
-    """What a face embedder describes in one photo: the aligned chip of its largest face, and where it was."""
-
-    image: np.ndarray
-    """The aligned chip, uint8 RGB: what is embedded, and what a heatmap is drawn over."""
-    marks: np.ndarray
-    """The 68 landmarks in chip pixels."""
-    details: dict[str, Any]
-    """``n_faces``, ``box`` and ``landmarks`` (image pixels) of the photo."""
-
-
 class FaceEmbedder:
     """dlib's face descriptor as an embedder: each photo's largest face, found and aligned as ``settings`` say.
 
@@ -256,11 +178,11 @@ class FaceEmbedder:
     def cache_tag(self) -> str:
         return self.settings.tag
 
-    def frame(self, pixels: np.ndarray, name: str | None = None) -> FaceFrame:
+    def frame(self, pixels: np.ndarray, name: str | None = None) -> Frame:
         """The largest face of a photo, aligned; :class:`NoFaceError` when there is none."""
         face = detect_face(pixels, self.settings, name=name)
         details = {"n_faces": face.n_faces, "box": list(face.box), "landmarks": face.landmarks}
-        return FaceFrame(face.chip, face.chip_landmarks, details)
+        return Frame(face.chip, face.chip_landmarks, details)
 
     def embed_frames(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Descriptors (N x 128) of aligned chips."""

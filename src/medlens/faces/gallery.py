@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from medlens.faces.embed import unit_rows
-from medlens.models.heads import UnknownClassError
+from medlens.models.heads import UnknownClassError, unit_rows
 
 
 class FaceGallery:

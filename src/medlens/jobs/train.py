@@ -153,6 +153,7 @@ def train_probe(config: Config, run_dir: Path, engine: Engine, progress: bool) -
     calibration = calibrate(logits, truth, "multiclass", labels, config.train.threshold_method)
     scores = validation_scores("multiclass", truth, calibration.probs)
     source = found.table.root if config.data.source == PHANTOMS else Path(config.data.source).resolve()
+    state = getattr(found.embedder, "state", None)
     save_head(
         found.head,
         run_dir / BEST_DIR,
@@ -164,8 +165,10 @@ def train_probe(config: Config, run_dir: Path, engine: Engine, progress: bool) -
             "data": {"source": str(source), "kind": found.table.kind, "n_left_out": found.n_left_out},
             "config": config.to_dict(),
             "metrics": scores,
+            "regularisation": found.chosen,
             **calibration.manifest_fields(),
         },
+        embedder=state() if state is not None else None,
     )
     write_atomic(run_dir / CONFIG_FILE, config.to_yaml())
     log.info("%s probe: validation %s; checkpoint %s", config.model.probe, scores, run_dir / BEST_DIR)

@@ -1,8 +1,9 @@
 """Classifiers over face embeddings, with the scikit-learn estimator contract and pickle-free saving.
 
-Every head takes N x D embeddings, scales each row to unit length (dlib descriptors compare by angle and
-distance, not by length), and learns class logits: a linear SVM (one-vs-rest, the seed's head), a
-multinomial logistic regression, or an MLP of fully-connected ReLU layers (scikit-learn's MLPClassifier).
+Every head takes N x D embeddings, scales each row to unit length (dlib descriptors and pooled backbone
+features compare by angle, not by length), and learns class logits: a linear SVM (one-vs-rest, the seed's
+head), a multinomial logistic regression (``logreg``), an MLP of fully-connected ReLU layers
+(scikit-learn's MLPClassifier), or k nearest neighbours (``knn``).
 ``predict_proba`` is ``softmax(logits / temperature_)`` over every class, rows summing to 1. The
 temperature is fitted on out-of-fold logits (``calibration_folds``-fold cross-validation of the same head)
 before the head is refitted on all rows, as CalibratedClassifierCV(ensemble=False) does; this turns SVM
@@ -30,13 +31,23 @@ from threadpoolctl import threadpool_limits
 
 from medlens.errors import CheckpointError, ConfigError, DataSourceError, MedlensError
 from medlens.evaluation.metrics import apply_temperature, fit_temperature
-from medlens.faces.embed import unit_rows
 from medlens.models.checkpoint import load_weights, read_manifest, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 HEAD_MODEL = "face-embedding-head"
 """``manifest["model"]["name"]`` of every saved head."""
+
+
+def unit_rows(embeddings: Any) -> np.ndarray:
+    """Embeddings as float64 N x D rows of length 1; NaN rows (images without an embedding) are refused."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"expected an N x D matrix of embeddings, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x).all(axis=1)).sum())
+        raise ValueError(f"{bad} embeddings hold NaN/inf (photos without a face?); drop those rows first")
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 class UnknownClassError(MedlensError, KeyError):
@@ -206,7 +217,7 @@ class SVMHead(_LinearHead):
 class LogisticHead(_LinearHead):
     """Multinomial logistic regression (L2, lbfgs)."""
 
-    name = "logistic"
+    name = "logreg"
 
     def __init__(self, C: float = 10.0, class_weight: str | None = None, calibration_folds: int = 5, seed: int = 0):
         self.C = C
@@ -269,7 +280,37 @@ class MLPHead(_EmbeddingHead):
         return super().restore(classes, arrays)
 
 
-HEADS: dict[str, type[_EmbeddingHead]] = {head.name: head for head in (SVMHead, LogisticHead, MLPHead)}
+class KNNHead(_EmbeddingHead):
+    """The ``k`` nearest training embeddings by cosine similarity vote; a class's probability is its (smoothed)
+    share of the votes. Its "weights" are the training embeddings themselves."""
+
+    name = "knn"
+    _array_names = ("train_x_", "train_codes_", "class_count_")
+
+    def __init__(self, k: int = 5, calibration_folds: int = 5, seed: int = 0):
+        self.k = k
+        self.calibration_folds = calibration_folds
+        self.seed = seed
+
+    def _learn(self, x: np.ndarray, codes: np.ndarray, n_classes: int) -> None:
+        if self.k < 1:
+            raise ConfigError(f"the knn head needs k of at least 1, got {self.k}")
+        self.train_x_, self.train_codes_ = x, codes.astype(np.float64)
+        self.class_count_ = np.array([float(n_classes)])
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        k = min(self.k, len(self.train_x_))
+        nearest = np.argpartition(-(x @ self.train_x_.T), k - 1, axis=1)[:, :k]
+        codes = self.train_codes_[nearest].astype(np.int64)
+        n_classes = int(self.class_count_[0])
+        votes = np.stack([np.bincount(row, minlength=n_classes) for row in codes]).astype(np.float64)
+        return np.log((votes + 0.5) / (k + 0.5 * n_classes))  # softmax of these: the smoothed vote shares
+
+    def _input_size(self) -> int:
+        return int(self.train_x_.shape[1])
+
+
+HEADS: dict[str, type[_EmbeddingHead]] = {head.name: head for head in (SVMHead, LogisticHead, MLPHead, KNNHead)}
 """Every head by the name configs and the CLI use."""
 
 
@@ -278,7 +319,8 @@ def list_heads() -> list[str]:
 
 
 def create_head(name: str, **params: Any) -> _EmbeddingHead:
-    """A new, unfitted head by name, e.g. ``create_head("svm", C=0.5)``."""
+    """A new, unfitted head by name, e.g. ``create_head("svm", C=0.5)``; see :data:`REGULARISATION` for what a
+    probe chooses by cross-validation."""
     if name not in HEADS:
         raise ConfigError(f"unknown face head {name!r}; valid heads: {', '.join(HEADS)}")
     try:
@@ -286,6 +328,15 @@ def create_head(name: str, **params: Any) -> _EmbeddingHead:
     except TypeError as exc:
         valid = ", ".join(HEADS[name]().get_params())
         raise ConfigError(f"bad parameters for the {name} head ({exc}); valid parameters: {valid}") from None
+
+
+REGULARISATION: dict[str, tuple[str, tuple[float, ...]]] = {
+    "svm": ("C", (0.1, 1.0, 10.0)),
+    "logreg": ("C", (0.1, 1.0, 10.0)),
+    "mlp": ("alpha", (1e-4, 1e-3, 1e-2)),
+    "knn": ("k", (1, 5, 15)),
+}
+"""Each head's regularisation parameter and the values a probe chooses among, by patient-grouped CV."""
 
 
 def top_k(proba: Any, k: int, classes: Sequence[Any] | None = None) -> list[list[tuple[Any, float]]]:
@@ -303,20 +354,34 @@ def top_k(proba: Any, k: int, classes: Sequence[Any] | None = None) -> list[list
     return [[(names[j], float(row[j])) for j in best] for row, best in zip(p, order, strict=True)]
 
 
-def save_head(head: _EmbeddingHead, folder: str | Path, manifest: Mapping[str, Any] | None = None) -> Path:
-    """Write a fitted head as a checkpoint folder (safetensors + JSON, atomically); ``manifest`` adds fields."""
+EMBEDDER_PREFIX = "embedder."
+"""Checkpoint keys of the embedder's own weights (a probe on a backbone keeps the backbone beside its head)."""
+
+
+def save_head(
+    head: _EmbeddingHead,
+    folder: str | Path,
+    manifest: Mapping[str, Any] | None = None,
+    embedder: torch.nn.Module | None = None,
+) -> Path:
+    """Write a fitted head (and the weights of the ``embedder`` module it needs, if any) as a checkpoint folder
+    (safetensors + JSON, atomically); ``manifest`` adds fields."""
     spec = {"name": HEAD_MODEL, "head": head.name, "params": head.get_params()}
     full = {**(manifest or {}), "model": spec, "labels": head.classes_.tolist()}
-    return save_checkpoint(folder, _as_module(head.learned_arrays()), full)
+    module = _as_module(head.learned_arrays())
+    if embedder is not None:
+        module.add_module(EMBEDDER_PREFIX.rstrip("."), embedder)
+    return save_checkpoint(folder, module, full)
 
 
-def load_head(folder: str | Path) -> _EmbeddingHead:
-    """A head saved by :func:`save_head` (or inside a face checkpoint); nothing is unpickled."""
+def load_head(folder: str | Path, weights: Mapping[str, torch.Tensor] | None = None) -> _EmbeddingHead:
+    """A head saved by :func:`save_head` (its checkpoint's ``weights`` when already read); nothing is unpickled."""
     manifest = read_manifest(folder)
     spec = manifest["model"]
     if spec.get("name") != HEAD_MODEL:
         raise CheckpointError(f"{folder} holds a {spec.get('name')!r} model, not a face embedding head")
-    arrays = {key: value.numpy() for key, value in load_weights(folder).items()}
+    weights = load_weights(folder) if weights is None else weights
+    arrays = {key: value.numpy() for key, value in weights.items() if not key.startswith(EMBEDDER_PREFIX)}
     return create_head(spec["head"], **spec.get("params", {})).restore(manifest["labels"], arrays)
 
 
