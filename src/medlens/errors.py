@@ -30,6 +30,10 @@ class CheckpointError(MedlensError):
     """A checkpoint is missing, incomplete, or unsafe to load."""
 
 
+class WeightsUnavailableError(CheckpointError):
+    """Pretrained weights cannot be had here: the hub is out of reach, or a named file is not where it belongs."""
+
+
 class CacheError(MedlensError, ValueError):
     """A preprocessing cache is unfinished, or was built for other images or settings than asked."""
 

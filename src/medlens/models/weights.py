@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import re
 import socket
 import threading
 import urllib.parse
@@ -33,9 +31,10 @@ import timm
 import torch
 from torch import nn
 
-from medlens.errors import CheckpointError, ConfigError
+from medlens.errors import CheckpointError, ConfigError, WeightsUnavailableError
 from medlens.io import file_sha256
 from medlens.models.preprocessing import read_sidecar, sidecar_path
+from medlens.models.state_dict import WEIGHT_SUFFIXES, read_state_dict
 from medlens.models.xrv import (
     XRV_INPUT_SCALING,
     XRV_PREFIX,
@@ -48,14 +47,9 @@ from medlens.models.xrv import (
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
 LOCAL_FILE_HINT = "model.pretrained: /path/to/weights.safetensors"
 HUB_PROBE_SECONDS = 1.0
-
-
-class WeightsUnavailableError(CheckpointError):
-    """Pretrained weights cannot be had here: the hub is out of reach, or a named file is not where it belongs."""
 
 
 @dataclass(frozen=True)
@@ -78,46 +72,6 @@ def is_weights_file(pretrained: object) -> bool:
     if not isinstance(pretrained, str):
         return False
     return is_xrv(pretrained) or pretrained.lower().endswith(WEIGHT_SUFFIXES) or Path(pretrained).expanduser().is_file()
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file or a PyTorch state dict, never unpickling code."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"pretrained weights file {str(path)!r} not found")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except SafetensorError as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    if path.suffix not in WEIGHT_SUFFIXES:
-        raise ConfigError(f"{path}: unsupported weights file type {path.suffix!r}; use {WEIGHT_SUFFIXES}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(exc))
-        xrv = f"; read a torchxrayvision file as model.pretrained: xrv:{path}" if "torchxrayvision" in str(exc) else ""
-        raise CheckpointError(
-            f"{path}: refused to load: it holds Python objects, not just tensors, and loading them could run "
-            f"code ({found.group(1) if found else exc}). Re-save the plain state dict, ideally as .safetensors{xrv}"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({exc})") from None
-    return tensors_only(path, loaded)
-
-
-def tensors_only(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
-    """The state dict itself, also when a training checkpoint nests it under ``state_dict`` or ``model``."""
-    for key in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
-            loaded = loaded[key]
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        found = sorted(loaded)[:5] if isinstance(loaded, dict) else type(loaded).__name__
-        raise CheckpointError(f"{path}: expected a state dict of tensors, found {found}")
-    return loaded
 
 
 def backbone_state(state: dict[str, torch.Tensor], classifier: str) -> dict[str, torch.Tensor]:

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medlens.errors import CheckpointError, ConfigError
+from medlens.errors import CheckpointError, ConfigError, WeightsUnavailableError
+from medlens.models.state_dict import read_state_dict, tensors_only
 
 XRV_PREFIX = "xrv:"
 XRV_RELEASES = "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
@@ -93,7 +94,6 @@ def find_xrv_weights(pretrained: str, architecture: str) -> tuple[Path, XrvWeigh
     Raises ConfigError for an unknown name or one for another architecture, and WeightsUnavailableError
     (saying where to put the file) when a named file is not there.
     """
-    from medlens.models.weights import WeightsUnavailableError
 
     target = pretrained.removeprefix(XRV_PREFIX)
     if target in XRV_WEIGHTS:
@@ -128,7 +128,6 @@ def input_size_for(release: XrvWeights | None, architecture: str) -> int:
 
 def read_xrv_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors of a torchxrayvision file and its format: ``xrv-module`` (pickled module) or ``xrv-state-dict``."""
-    from medlens.models.weights import read_state_dict, tensors_only
 
     if path.suffix == ".safetensors":
         return _without_dropped(read_state_dict(path)), "xrv-state-dict"
