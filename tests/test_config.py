@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from medlens.config import load_config
+from medlens.configs import shipped_configs
 from medlens.errors import ConfigError
 from medlens.faces.pipeline import is_face_config
 
 # Face-embedding configs have their own schema (tests/faces); these are the CNN trainer's.
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not is_face_config(p))
+CONFIGS = [p for p in shipped_configs().values() if not is_face_config(p)]
 
 
 def test_defaults_and_overrides(tmp_path):

@@ -116,7 +116,7 @@ def _data_cache(args: argparse.Namespace) -> int:
 
 def _add_train(jobs: argparse._SubParsersAction) -> None:
     train = jobs.add_parser("train", help="train a classifier from a YAML config (torchrun for DDP)")
-    train.add_argument("config", type=Path, help="YAML config, e.g. configs/cxr4.yaml")
+    train.add_argument("config", help="a shipped config's name (medlens configs lists them) or a YAML file")
     train.add_argument("--out", required=True, type=Path, help="run folder: best/, last/, history.csv")
     train.add_argument(
         "--set",
@@ -138,17 +138,19 @@ def _add_train(jobs: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from medlens.config import load_config
+    from medlens.configs import find_config
     from medlens.faces.pipeline import is_face_config, load_face_config, train_from_config
     from medlens.training.fit import train
 
-    if is_face_config(args.config):
+    path = find_config(args.config)
+    if is_face_config(path):
         if args.folds:
             raise MedlensError(f"--folds cross-validates image classifiers; {args.config} is a face config")
-        result = train_from_config(load_face_config(args.config, args.overrides), args.out)
+        result = train_from_config(load_face_config(path, args.overrides), args.out)
         print(f"face head trained: checkpoint {result.checkpoint}, top-1 {result.metrics['accuracy']:.3f}")
         return 0
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(path, args.overrides)
     if args.folds:
         from medlens.training.cv import ENSEMBLE_DIR, cross_validate, format_cv
 
@@ -317,7 +319,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _add_tune(jobs: argparse._SubParsersAction) -> None:
     tune = jobs.add_parser("tune", help="hyperparameter search by cross-validation (Optuna; resumable)")
-    tune.add_argument("config", type=Path, help="YAML config to start from, e.g. configs/cxr4.yaml")
+    tune.add_argument("config", help="config to start from: a shipped config's name or a YAML file")
     tune.add_argument("--out", required=True, type=Path, help="folder: optuna.db, best.yaml, search.png, trials/")
     tune.add_argument("--trials", type=int, default=20, help="total finished trials, counting earlier runs (20)")
     tune.add_argument("--folds", type=int, default=5, help="cross-validation folds per trial (default 5)")
@@ -329,9 +331,10 @@ def _add_tune(jobs: argparse._SubParsersAction) -> None:
 
 def _tune(args: argparse.Namespace) -> int:
     from medlens.config import load_config
+    from medlens.configs import find_config
     from medlens.tune import BEST_CONFIG_FILE, SearchSpace, tune
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(find_config(args.config), args.overrides)
     space = SearchSpace(image_sizes=tuple(args.image_sizes))
     study = tune(config, args.out, args.trials, args.folds, timeout=args.timeout, space=space)
     best = study.best_trial
@@ -344,7 +347,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _add_demo(jobs: argparse._SubParsersAction) -> None:
     demo = jobs.add_parser("demo", help="the main job on the embedded phantoms: train, evaluate, explain")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    demo.add_argument("--config", type=Path, default=None, help="config (default: the packaged demo.yaml)")
+    demo.add_argument("--config", default="demo", help="a shipped config's name or a YAML file (default demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(handler=_demo)
 

@@ -8,31 +8,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medlens.errors import ConfigError
+from medlens.configs import find_config
 from medlens.io import write_atomic
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path("configs/demo.yaml")
 POINTING_TOLERANCE = 15.0
 """Pixels of slack for the pointing game, as in Zhang et al.'s excitation backprop benchmark."""
 
 
-def run_demo(out: str | Path, config_path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def run_demo(out: str | Path, config: str | Path = "demo", overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train the demo config into ``out/run`` (resuming a broken run), evaluate and explain its test split."""
     from medlens.config import load_config
     from medlens.evaluation.evaluate import evaluate, format_metrics
     from medlens.explain.run import score_demo
     from medlens.training.fit import train
 
-    path = Path(config_path) if config_path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"demo config {str(path)!r} not found: run from the repository root or pass --config")
     out = Path(out)
-    config = load_config(path, overrides)
+    settings = load_config(find_config(config), overrides)
     run_dir = out / "run"
-    print(f"training {config.model.name} on {config.data.phantoms.n} phantoms into {run_dir}")
-    train(config, run_dir, resume=True)
+    print(f"training {settings.model.name} on {settings.data.phantoms.n} phantoms into {run_dir}")
+    train(settings, run_dir, resume=True)
     result = evaluate(run_dir, out / "evaluation", split="test", progress=False)
     print(format_metrics(result.metrics))
     scores = score_demo(run_dir, method="gradcam", tolerance=POINTING_TOLERANCE)

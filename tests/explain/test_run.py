@@ -15,13 +15,13 @@ from helpers import short_real_run, tiny_run
 from PIL import Image
 
 from medlens.config import load_config
+from medlens.configs import find_config
 from medlens.data.records import read_nih_boxes
 from medlens.errors import ConfigError, DataSourceError
 from medlens.explain.cli import add_parser
 from medlens.explain.run import explain_images, score_demo
 from medlens.training.fit import train
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = tiny_run("data.image_size=64", "data.phantoms.size=96", "train.epochs=1")
 
 
@@ -116,7 +116,7 @@ def test_real_nih_boxes_are_scored(shared_data, tmp_path, capsys):
     nih = shared_data / "nih14"
     run = tmp_path / "run"
     overrides = short_real_run(nih, tmp_path / "cache")
-    train(load_config(REPO / "configs" / "nih14.yaml", overrides), run, progress=False)
+    train(load_config(find_config("nih14"), overrides), run, progress=False)
     boxes = read_nih_boxes(nih / "BBox_List_2017.csv")
     images = [nih / "images" / name for name in boxes["image"].unique()]
     out = tmp_path / "out"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from medlens.cli import main
+from medlens.configs import find_config, shipped_configs
 from medlens.errors import CheckpointError, ConfigError
 from medlens.faces.cli import add_parser
 from medlens.faces.detect import NoFaceError
@@ -25,8 +25,7 @@ from medlens.faces.pipeline import (
     train_from_config,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-FACE_CONFIG = REPO / "configs" / "syndromes12-dlib.yaml"
+FACE_CONFIG = find_config("syndromes12-dlib")
 
 
 def _cli(argv):
@@ -99,8 +98,8 @@ def test_an_image_model_checkpoint_is_refused(tmp_path):
 
 
 def test_ready_face_configs_load_and_check_their_keys():
-    faces = [p for p in sorted((REPO / "configs").glob("*.yaml")) if is_face_config(p)]
-    assert FACE_CONFIG in faces and not is_face_config(REPO / "configs" / "syndromes12.yaml")
+    faces = [p for p in shipped_configs().values() if is_face_config(p)]
+    assert FACE_CONFIG in faces and not is_face_config(find_config("syndromes12"))
     for path in faces:
         config = load_face_config(path)
         assert config.kind == FACE_KIND and config.head.name == "svm"
@@ -170,9 +169,8 @@ def test_aligned_chips_feed_the_cnn_route(tiny_faces, shared_data, tmp_path, cap
     chips = sorted(aligned.glob("*/*.png"))
     assert len(chips) == 10 and {p.parent.name for p in chips} == {"Tony_Blair", "Serena_Williams"}
     assert pd.read_csv(aligned / "metadata.csv")["path"].tolist() == [str(p.relative_to(aligned)) for p in chips]
-    config = Path(__file__).resolve().parents[2] / "configs" / "syndromes12.yaml"
     overrides = ["model.name=tiny", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
                  "data.val_fraction=0.3", "data.test_fraction=0.2", f"data.source={aligned}"]  # fmt: skip
     run = tmp_path / "run"
-    assert main(["train", str(config), "--out", str(run), *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert main(["train", "syndromes12", "--out", str(run), *[a for o in overrides for a in ("--set", o)]]) == 0
     assert json.loads((run / "best" / "manifest.json").read_text())["labels"] == ["Serena_Williams", "Tony_Blair"]
