@@ -1,4 +1,8 @@
-"""The ``medlens`` command: one entry point, one sub-command per job."""
+"""medlens: explained, measured predictions from medical images, one sub-command per job.
+
+Train transfer-learning classifiers for chest X-rays and face photos, evaluate them, explain them with
+heatmaps and serve them. Research software: not for diagnosis.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medlens import __version__
+from medlens.cli_examples import add_examples
 from medlens.errors import MedlensError
 
 log = logging.getLogger("medlens")
@@ -50,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(jobs)
     _add_tune(jobs)
     _add_faces(jobs)
+    _add_configs(jobs)
+    add_examples(parser)
     return parser
 
 
@@ -115,17 +122,10 @@ def _data_cache(args: argparse.Namespace) -> int:
 
 
 def _add_train(jobs: argparse._SubParsersAction) -> None:
-    train = jobs.add_parser("train", help="train a classifier from a YAML config (torchrun for DDP)")
+    train = jobs.add_parser("train", help="train a classifier from a config: a shipped name or a YAML (torchrun: DDP)")
     train.add_argument("config", help="a shipped config's name (medlens configs lists them) or a YAML file")
     train.add_argument("--out", required=True, type=Path, help="run folder: best/, last/, history.csv")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=2 (repeatable)",
-    )
+    _override_args(train)
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last")
     train.add_argument(
         "--folds",
@@ -142,15 +142,15 @@ def _train(args: argparse.Namespace) -> int:
     from medlens.faces.pipeline import is_face_config, load_face_config, train_from_config
     from medlens.training.fit import train
 
-    path = find_config(args.config)
+    path, overrides = find_config(args.config), _overrides(args)
     if is_face_config(path):
         if args.folds:
             raise MedlensError(f"--folds cross-validates image classifiers; {args.config} is a face config")
-        result = train_from_config(load_face_config(path, args.overrides), args.out)
+        result = train_from_config(load_face_config(path, overrides), args.out)
         print(f"face head trained: checkpoint {result.checkpoint}, top-1 {result.metrics['accuracy']:.3f}")
         return 0
 
-    config = load_config(path, args.overrides)
+    config = load_config(path, overrides)
     if args.folds:
         from medlens.training.cv import ENSEMBLE_DIR, cross_validate, format_cv
 
@@ -160,6 +160,23 @@ def _train(args: argparse.Namespace) -> int:
     best = train(config, args.out, resume=args.resume)
     print("best epoch " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in best.items()))
     return 0
+
+
+def _override_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="SOURCE", help="the data SOURCE to use: short for --set data.source=SOURCE")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=2 (repeatable)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, then --data as data.source (JSON-quoted, so that YAML reads any path as a string)."""
+    return [*args.overrides, f"data.source={json.dumps(args.data)}"] if args.data else args.overrides
 
 
 def _add_evaluate(jobs: argparse._SubParsersAction) -> None:
@@ -325,7 +342,7 @@ def _add_tune(jobs: argparse._SubParsersAction) -> None:
     tune.add_argument("--folds", type=int, default=5, help="cross-validation folds per trial (default 5)")
     tune.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
     tune.add_argument("--image-sizes", type=int, nargs="+", default=[128, 224, 320], metavar="PX", help="sizes to try")
-    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _override_args(tune)
     tune.set_defaults(handler=_tune)
 
 
@@ -334,13 +351,33 @@ def _tune(args: argparse.Namespace) -> int:
     from medlens.configs import find_config
     from medlens.tune import BEST_CONFIG_FILE, SearchSpace, tune
 
-    config = load_config(find_config(args.config), args.overrides)
+    config = load_config(find_config(args.config), _overrides(args))
     space = SearchSpace(image_sizes=tuple(args.image_sizes))
     study = tune(config, args.out, args.trials, args.folds, timeout=args.timeout, space=space)
     best = study.best_trial
     print(f"best of {len(study.trials)} trials: #{best.number}, pooled out-of-fold macro AUC {best.value:.4f}")
     print(" ".join(f"{k}={v}" for k, v in best.params.items()))
     print(f"config: {args.out / BEST_CONFIG_FILE}")
+    return 0
+
+
+def _add_configs(jobs: argparse._SubParsersAction) -> None:
+    configs = jobs.add_parser("configs", help="list the shipped configs and what each is for, or print one")
+    configs.add_argument("name", nargs="?", help="print this config's YAML, e.g. to copy and edit it")
+    configs.set_defaults(handler=_configs)
+
+
+def _configs(args: argparse.Namespace) -> int:
+    from medlens.configs import FOLDER, find_config, purpose, shipped_configs
+
+    if args.name:
+        print(find_config(args.name).read_text(), end="")
+        return 0
+    shipped = shipped_configs()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {purpose(path)}")
+    print(f"\nname one where a config is asked (medlens train cxr4 --data DIR --out RUN); files in {FOLDER}")
     return 0
 
 

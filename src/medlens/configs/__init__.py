@@ -16,7 +16,7 @@ SUFFIX = ".yaml"
 
 def shipped_configs() -> dict[str, Path]:
     """Every shipped config by name (its file name without ``.yaml``), sorted."""
-    return {path.stem: path for path in sorted(FOLDER.glob(f"*{SUFFIX}"))}
+    return {path.stem: path for path in sorted(FOLDER.glob(f"*{SUFFIX}"), key=lambda path: path.stem)}
 
 
 def find_config(config: str | Path) -> Path:
