@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from medlens.errors import CheckpointError, ConfigError
+from medlens.extras import install_hint, installed, require
 from medlens.io import file_sha256
 from medlens.training.checkpoint import WEIGHTS
 
@@ -35,6 +36,8 @@ def export_problem(folder: Path, manifest: dict[str, Any]) -> str | None:
     record = manifest.get("onnx")
     if not record:
         return f"{folder} has no ONNX export; create one with: medlens export {folder} --format onnx"
+    if not installed("onnxruntime"):
+        return f"ONNX Runtime is not installed here: {install_hint('onnx')}"
     path = folder / ONNX_FILE
     if not path.is_file():
         return f"{path} is missing although the manifest records an export; {advice}"
@@ -74,8 +77,7 @@ class OnnxRunner:
     """
 
     def __init__(self, path: Path, threads: int | None = None, spin: bool = True):
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", extra="onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1

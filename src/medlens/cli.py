@@ -277,8 +277,8 @@ def _predict(args: argparse.Namespace) -> int:
     written = predict_to_csv(predictor, args.inputs, args.out, args.batch_size)
     print(f"wrote {written} rows to {args.out}")
     if args.report:
+        from medlens.ood import expects_chest_xrays
         from medlens.predict import write_classifier_reports
-        from medlens.serve.service import expects_chest_xrays
 
         index = write_classifier_reports(
             predictor,

@@ -21,11 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 
 from medlens.backends import ONNX_FILE, OnnxRunner
 from medlens.errors import CheckpointError, ConfigError
+from medlens.extras import MissingExtraError, require
 from medlens.inference import Predictor
 from medlens.io import file_sha256
 from medlens.training.checkpoint import WEIGHTS, update_manifest
@@ -64,6 +64,9 @@ def export_onnx(
     """Export, check parity on ``images`` (else a generated batch), time both backends, record the result."""
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is not supported: choose {MIN_OPSET} or later (default {OPSET})")
+    for module in ("onnx", "onnxscript"):  # torch's exporters import them
+        require(module, extra="onnx")
+    onnxruntime = require("onnxruntime", extra="onnx")
     predictor = Predictor.from_checkpoint(checkpoint, backend="torch")
     folder = Path(predictor.path)  # type: ignore[arg-type]
     tmp = folder / f".{ONNX_FILE}.tmp"
@@ -115,6 +118,9 @@ def export_or_warn(checkpoint: str | Path, images: Sequence[str | Path] = ()) ->
     """
     try:
         report = export_onnx(checkpoint, images)
+    except MissingExtraError as exc:  # an install without the extra: torch is the backend the user chose
+        log.info("%s is not exported to ONNX: %s", checkpoint, exc)
+        return None
     except Exception as exc:  # any exporter or runtime failure leaves the torch checkpoint as it was
         log.warning("%s was not exported to ONNX (%s: %s); it predicts with torch", checkpoint, type(exc).__name__, exc)
         return None

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medlens.data.readers import LoadedImage
 from medlens.data.transforms import resize_image
+from medlens.faces.pipeline import FACE_KIND
 
 SIDE = 128
 """Statistics are computed on a SIDE x SIDE squash of the image."""
@@ -162,3 +164,9 @@ def _without_borders(grey: np.ndarray, flat: float = 0.02) -> np.ndarray:
     if len(rows) < grey.shape[0] // 2 or len(cols) < grey.shape[1] // 2:
         return grey
     return grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def expects_chest_xrays(manifest: dict[str, Any]) -> bool:
+    """Whether a checkpoint's inputs are chest X-rays, so the X-ray guard applies (not for face models)."""
+    augment = manifest.get("config", {}).get("train", {}).get("augment")
+    return manifest.get("kind") != FACE_KIND and augment != "face"

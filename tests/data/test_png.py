@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medlens.data import readers
+from medlens.data import png, readers
 from medlens.data.png import SIGNATURE, _image_data, chunks_fit, decode_grey8
 from medlens.data.readers import load_image
 from medlens.errors import ImageReadError
@@ -181,6 +181,13 @@ def test_a_declined_file_still_reads_or_fails_as_the_general_decoders_say(pixels
     broken[broken.index(b"IDAT") + 10] ^= 0xFF  # inside the compressed rows: no decoder can read them
     with pytest.raises(ImageReadError, match="corrupt or truncated"):
         load_image(bytes(broken), overlap=overlap)
+
+
+def test_without_the_fast_png_extra_opencv_reads_the_same_pixels(monkeypatch, pixels):
+    monkeypatch.setattr(png, "FAST", False)
+    data = _png(pixels)
+    assert decode_grey8(data) is None
+    assert np.array_equal(load_image(data).pixels, pixels / np.float32(255))
 
 
 def test_every_real_grey_png_decodes_exactly_as_libpng(decode, shared_data):

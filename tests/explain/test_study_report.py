@@ -33,8 +33,8 @@ from medlens.explain.study import (
 )
 from medlens.explain.study_report import find_chromium, render_study
 from medlens.inference import Predictor
+from medlens.ood import expects_chest_xrays
 from medlens.predict import record_views, write_classifier_reports, write_face_reports, write_reports
-from medlens.serve.service import expects_chest_xrays
 from medlens.training.fit import train
 
 TINY = tiny_run("data.image_size=64", "data.phantoms.size=128", "train.epochs=1")
@@ -327,7 +327,7 @@ def test_a_real_report_renders_in_chromium_and_prints_to_pdf(real_reports, tmp_p
 @pytest.mark.shared
 @pytest.mark.slow
 def test_face_reports_rank_five_syndromes_for_a_geneticist_from_the_cli_and_the_app(shared_data, tmp_path):
-    pytest.importorskip("dlib", reason="face checkpoints need dlib: pip install dlib-bin face-recognition-models")
+    pytest.importorskip("dlib", reason="face checkpoints need the faces extra: pip install 'medlens[faces]'")
     from fastapi.testclient import TestClient
 
     from medlens.faces.pipeline import FacePredictor, train_face_head

@@ -20,10 +20,10 @@ from PIL import Image
 from medlens.data.readers import read_image
 from medlens.errors import ConfigError
 from medlens.inference import Predictor
+from medlens.ood import expects_chest_xrays
 from medlens.serve import app as serve_app
 from medlens.serve.app import create_app
 from medlens.serve.cli import add_parser
-from medlens.serve.service import expects_chest_xrays
 
 CANARIES = ("CANARY^SECRET", "CANARY", "SECRET", "CANARY-ID-4711", "19010203")
 

@@ -4,5 +4,5 @@
 128-d descriptors, cached per image; ``heads`` (SVM, logistic, MLP) and ``gallery`` (nearest neighbours,
 classes added without training) classify them; ``occlusion`` explains any head; ``pipeline`` trains,
 checkpoints and predicts (``FacePredictor``); ``cli`` adds ``medlens faces``. dlib and its models load
-lazily (``dlib_models``): pip install dlib-bin face-recognition-models.
+lazily (``dlib_models``), from the 'faces' extra: pip install 'medlens[faces]'.
 """

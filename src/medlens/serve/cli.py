@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from medlens.extras import require
+
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "MEDLENS_TOKEN"
@@ -35,8 +37,9 @@ def add_parser(jobs: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    require("fastapi", extra="serve")
+    require("python_multipart", extra="serve")
+    uvicorn = require("uvicorn", extra="serve")
     from medlens.serve.app import create_app
 
     if args.token is None and not _is_loopback(args.host):

@@ -35,7 +35,7 @@ from medlens.explain.study import Study, classifier_study, face_study_of
 from medlens.faces.detect import NoFaceError
 from medlens.faces.pipeline import FACE_KIND, FacePredictor
 from medlens.inference import Predictor
-from medlens.ood import assess_upload
+from medlens.ood import assess_upload, expects_chest_xrays
 from medlens.runtime import available_cores
 from medlens.serve.schemas import (
     Finding,
@@ -93,12 +93,6 @@ def load_served_model(checkpoint: str | Path, limits: Limits) -> ServedModel:
     if read_manifest(checkpoint).get("kind") == FACE_KIND:
         return FaceModel(FacePredictor.from_checkpoint(checkpoint), limits)
     return ClassifierModel(Predictor.from_checkpoint(checkpoint, spin=False), limits)
-
-
-def expects_chest_xrays(manifest: dict[str, Any]) -> bool:
-    """Whether a checkpoint's inputs are chest X-rays, so the X-ray guard applies (not for face models)."""
-    augment = manifest.get("config", {}).get("train", {}).get("augment")
-    return manifest.get("kind") != FACE_KIND and augment != "face"
 
 
 class Workers:
