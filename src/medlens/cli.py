@@ -385,7 +385,9 @@ def _add_demo(jobs: argparse._SubParsersAction) -> None:
     demo = jobs.add_parser("demo", help="the main job on the embedded phantoms: train, evaluate, explain")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     demo.add_argument("--config", default="demo", help="a shipped config's name or a YAML file (default demo)")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     demo.set_defaults(handler=_demo)
 
 

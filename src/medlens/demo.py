@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +21,45 @@ POINTING_TOLERANCE = 15.0
 
 def run_demo(out: str | Path, config: str | Path = "demo", overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train the demo config into ``out/run`` (resuming a broken run), evaluate and explain its test split."""
-    from medlens.config import load_config
+    from medlens.config import PHANTOMS, load_config
     from medlens.evaluation.evaluate import evaluate, format_metrics
     from medlens.explain.run import score_demo
-    from medlens.training.fit import train
+    from medlens.training.distributed import Dist
+    from medlens.training.fit import phantom_folder, train
 
     out = Path(out)
     settings = load_config(find_config(config), overrides)
     run_dir = out / "run"
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "phantoms"):
+        if settings.data.source == PHANTOMS:
+            phantom_folder(settings, run_dir, Dist())
     print(f"training {settings.model.name} on {settings.data.phantoms.n} phantoms into {run_dir}")
-    train(settings, run_dir, resume=True)
-    result = evaluate(run_dir, out / "evaluation", split="test", progress=False)
+    with _timed(seconds, "training"):
+        train(settings, run_dir, resume=True)
+    with _timed(seconds, "evaluation"):
+        result = evaluate(run_dir, out / "evaluation", split="test", progress=False)
     print(format_metrics(result.metrics))
-    scores = score_demo(run_dir, method="gradcam", tolerance=POINTING_TOLERANCE)
+    with _timed(seconds, "heatmaps"):
+        scores = score_demo(run_dir, method="gradcam", tolerance=POINTING_TOLERANCE)
     write_atomic(out / "evaluation" / "localization.json", json.dumps(scores, indent=2))
     print(format_localization(scores))
     print(f"report: {result.report}")
-    return {"metrics": result.metrics, "localization": scores}
+    print(format_seconds(seconds))
+    return {"metrics": result.metrics, "localization": scores, "seconds": seconds}
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[phase] = time.perf_counter() - start
+
+
+def format_seconds(seconds: dict[str, float]) -> str:
+    """Each phase's wall time; training includes the preprocessing cache and the ONNX export of best/."""
+    phases = ", ".join(f"{phase} {s:.0f} s" for phase, s in seconds.items())
+    return f"time: {phases}; {sum(seconds.values()):.0f} s in all"
 
 
 def format_localization(scores: dict[str, dict[str, float]]) -> str:
