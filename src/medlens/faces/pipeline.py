@@ -303,7 +303,7 @@ def align_faces(
 ) -> tuple[int, list[Path]]:
     """Write the aligned face chip of every photo as ``out/<class>/<name>.png`` plus ``out/metadata.csv``.
 
-    The result is a folder-per-class SOURCE for the CNN route (configs/syndromes12.yaml), with each
+    The result is a folder-per-class SOURCE for the CNN route (the shipped syndromes12 config), with each
     photo's patient_id kept. Returns the number of chips written and the photos that show no face.
     """
     from PIL import Image
