@@ -14,11 +14,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +114,18 @@ def _run(program: Path, *args: str, cwd: Path | None = None, rc: int = 0) -> str
     return result.stdout + result.stderr
 
 
+def test_the_lock_pins_a_version_in_every_range():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    ranges = [*project["dependencies"], *(r for name, rs in extras.items() if name != "xrv" for r in rs)]
+    pins = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().split())
+    pinned = {canonicalize_name(name): version for name, version in pins.items()}
+    for requirement in map(Requirement, ranges):
+        if requirement.name != "medlens":  # all and dev name the other extras
+            version = pinned.get(canonicalize_name(requirement.name))
+            assert version is not None and requirement.specifier.contains(version), (str(requirement), version)
+
+
 def test_the_wheel_ships_the_configs_and_the_page(installed):
     site = Path(_run(installed / "bin" / "python", "-c", "import medlens; print(medlens.__file__)").strip()).parent
     assert site.is_relative_to(installed), site  # the wheel's medlens, not the checkout's
@@ -136,6 +150,7 @@ def test_core_jobs_run_from_any_folder(installed, tmp_path):
     assert (tmp_path / "reports" / "index.html").is_file()
     _run(medlens, "explain", "run", film, "--out", "heatmaps", cwd=tmp_path)
     assert (tmp_path / "heatmaps" / "index.html").is_file()
+    assert "cached 32 images" in _run(medlens, "data", "cache", "run/phantoms", "--out", "cache", cwd=tmp_path)
 
 
 @pytest.mark.parametrize(
