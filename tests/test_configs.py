@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from medlens.cli import main
@@ -23,6 +25,8 @@ def test_a_name_finds_the_shipped_file_from_any_folder(tmp_path, monkeypatch):
     assert find_config("cxr4") == find_config("cxr4.yaml") == FOLDER / "cxr4.yaml"
     (tmp_path / "cxr4.yaml").write_text("train: {epochs: 1}\n")
     assert find_config("cxr4.yaml").resolve() == tmp_path / "cxr4.yaml"  # an existing file wins
+    (tmp_path / "nih14").mkdir()
+    assert find_config("nih14") == FOLDER / "nih14.yaml" and find_config("/dev/null") == Path("/dev/null")
     with pytest.raises(ConfigError, match="shipped configs: cxr4, demo, nih14, "):
         find_config("configs/nih14.yaml")
 

@@ -22,7 +22,7 @@ def shipped_configs() -> dict[str, Path]:
 def find_config(config: str | Path) -> Path:
     """The YAML file ``config`` names: an existing file, else a shipped config's name (``cxr4`` or ``cxr4.yaml``)."""
     path = Path(config)
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # not only regular files: /dev/null, a shell's <(...) pipe
         return path
     shipped = shipped_configs()
     name = path.name.removesuffix(SUFFIX) if path.parent == Path() else None
