@@ -147,7 +147,7 @@ def test_every_train_route_exits_0(route, tmp_path, request, capsys):
         overrides = face_probe(faces)
     else:
         overrides = tiny_run("train.epochs=1", "data.phantoms.n=48", "train.export_onnx=false")
-    argv = ["train", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), "--out", str(tmp_path / "r")]
+    argv = ["train", "demo", "--out", str(tmp_path / "r")]
     argv += [a for o in overrides for a in ("--set", o)]
     if route == "cross-validation":
         argv += ["--folds", "2"]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from medlens.config import load_config
+from medlens.configs import shipped_configs
 from medlens.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = list(shipped_configs().values())
 
 
 def test_defaults_and_overrides(tmp_path):

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from medlens.cli import main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(out), "--config", str(REPO_ROOT / "configs" / "demo.yaml")]) == 0
+    assert main(["demo", "--out", str(out)]) == 0
     return out
 
 

@@ -14,9 +14,9 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "medlens"
 
 LAYERS = (
-    ("errors", "io", "runs", "runtime"),
+    ("errors", "io", "runs", "runtime", "extras"),
     ("data", "ood"),
-    ("config",),
+    ("config", "configs"),
     ("evaluation",),
     ("models", "faces"),
     ("explain",),
@@ -24,7 +24,7 @@ LAYERS = (
     ("backends", "inference"),
     ("reports",),
     ("jobs", "serve"),
-    ("cli", "__main__"),
+    ("cli", "cli_examples", "__main__"),
 )
 """Bottom to top, as docs/architecture.md draws them: a module imports from its own layer and the ones below."""
 

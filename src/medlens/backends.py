@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from medlens.errors import CheckpointError, ConfigError
+from medlens.extras import install_hint, installed, require
 from medlens.io import file_sha256
 from medlens.models.checkpoint import WEIGHTS
 
@@ -35,6 +36,8 @@ def export_problem(folder: Path, manifest: dict[str, Any]) -> str | None:
     record = manifest.get("onnx")
     if not record:
         return f"{folder} has no ONNX export; create one with: medlens export {folder} --format onnx"
+    if not installed("onnxruntime"):
+        return f"ONNX Runtime is not installed here: {install_hint('onnx')}"
     path = folder / ONNX_FILE
     if not path.is_file():
         return f"{path} is missing although the manifest records an export; {advice}"
@@ -94,7 +97,7 @@ class OnnxRunner:
     """
 
     def __init__(self, path: Path, threads: int | None = None, spin: bool = True, device: torch.device | None = None):
-        import onnxruntime as ort
+        ort = require("onnxruntime", extra="onnx")
 
         self.device = device or torch.device("cpu")
         providers = ["CPUExecutionProvider"]

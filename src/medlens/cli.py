@@ -1,4 +1,8 @@
-"""The ``medlens`` command: one entry point, one sub-command per job."""
+"""medlens: explained, measured predictions from medical images, one sub-command per job.
+
+Train transfer-learning classifiers for chest X-rays and face photos, evaluate them, explain them with
+heatmaps and serve them. Research software: not for diagnosis.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medlens import __version__
+from medlens.cli_examples import add_examples
 from medlens.errors import MedlensError
 
 log = logging.getLogger("medlens")
@@ -67,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(jobs)
     _add_tune(jobs)
     _add_faces(jobs)
+    _add_configs(jobs)
+    add_examples(parser)
     return parser
 
 
@@ -80,8 +87,8 @@ def _device_arg(parser: argparse.ArgumentParser, config_key: str | None = None) 
 
 
 def _with_device(args: argparse.Namespace) -> list[str]:
-    """The ``--set`` overrides, with ``--device`` as ``train.device`` where it was given."""
-    return [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
+    """The ``--set`` and ``--data`` overrides, with ``--device`` as ``train.device`` where it was given."""
+    return [*_overrides(args), *([f"train.device={args.device}"] if args.device else [])]
 
 
 def _source_args(parser: argparse.ArgumentParser) -> None:
@@ -168,17 +175,10 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _add_train(jobs: argparse._SubParsersAction) -> None:
-    train = jobs.add_parser("train", help="train a classifier from a YAML config (torchrun for DDP)")
-    train.add_argument("config", type=Path, help="YAML config, e.g. configs/cxr4.yaml")
+    train = jobs.add_parser("train", help="train a classifier from a config: a shipped name or a YAML (torchrun: DDP)")
+    train.add_argument("config", help="a shipped config's name (medlens configs lists them) or a YAML file")
     train.add_argument("--out", required=True, type=Path, help="run folder: best/, last/, history.csv")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=2 (repeatable)",
-    )
+    _override_args(train)
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last")
     _device_arg(train, "train.device")
     train.add_argument(
@@ -192,9 +192,10 @@ def _add_train(jobs: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from medlens.config import load_config
+    from medlens.configs import find_config
     from medlens.jobs.train import train
 
-    config = load_config(args.config, _with_device(args))
+    config = load_config(find_config(args.config), _with_device(args))
     if args.folds:
         from medlens.jobs.cv import ENSEMBLE_DIR, cross_validate, format_cv
 
@@ -206,6 +207,23 @@ def _train(args: argparse.Namespace) -> int:
     print(("validation " if config.model.strategy == "probe" else "best epoch ") + shown)
     print(f"checkpoint: {args.out / 'best'}")
     return 0
+
+
+def _override_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="SOURCE", help="the data SOURCE to use: short for --set data.source=SOURCE")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=2 (repeatable)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, then --data as data.source (JSON-quoted, so that YAML reads any path as a string)."""
+    return [*args.overrides, f"data.source={json.dumps(args.data)}"] if args.data else args.overrides
 
 
 def _add_evaluate(jobs: argparse._SubParsersAction) -> None:
@@ -367,22 +385,23 @@ def _export(args: argparse.Namespace) -> int:
 
 def _add_tune(jobs: argparse._SubParsersAction) -> None:
     tune = jobs.add_parser("tune", help="hyperparameter search by cross-validation (Optuna; resumable)")
-    tune.add_argument("config", type=Path, help="YAML config to start from, e.g. configs/cxr4.yaml")
+    tune.add_argument("config", help="config to start from: a shipped config's name or a YAML file")
     tune.add_argument("--out", required=True, type=Path, help="folder: optuna.db, best.yaml, search.png, trials/")
     tune.add_argument("--trials", type=int, default=20, help="total finished trials, counting earlier runs (20)")
     tune.add_argument("--folds", type=int, default=5, help="cross-validation folds per trial (default 5)")
     tune.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
     tune.add_argument("--image-sizes", type=int, nargs="+", default=[128, 224, 320], metavar="PX", help="sizes to try")
-    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _override_args(tune)
     _device_arg(tune, "train.device")
     tune.set_defaults(handler=_tune)
 
 
 def _tune(args: argparse.Namespace) -> int:
     from medlens.config import load_config
+    from medlens.configs import find_config
     from medlens.jobs.tune import BEST_CONFIG_FILE, SearchSpace, tune
 
-    config = load_config(args.config, _with_device(args))
+    config = load_config(find_config(args.config), _with_device(args))
     space = SearchSpace(image_sizes=tuple(args.image_sizes))
     study = tune(config, args.out, args.trials, args.folds, timeout=args.timeout, space=space)
     best = study.best_trial
@@ -392,11 +411,33 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_configs(jobs: argparse._SubParsersAction) -> None:
+    configs = jobs.add_parser("configs", help="list the shipped configs and what each is for, or print one")
+    configs.add_argument("name", nargs="?", help="print this config's YAML, e.g. to copy and edit it")
+    configs.set_defaults(handler=_configs)
+
+
+def _configs(args: argparse.Namespace) -> int:
+    from medlens.configs import FOLDER, find_config, purpose, shipped_configs
+
+    if args.name:
+        print(find_config(args.name).read_text(), end="")
+        return 0
+    shipped = shipped_configs()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {purpose(path)}")
+    print(f"\nname one where a config is asked (medlens train cxr4 --data DIR --out RUN); files in {FOLDER}")
+    return 0
+
+
 def _add_demo(jobs: argparse._SubParsersAction) -> None:
     demo = jobs.add_parser("demo", help="the main job on the embedded phantoms: train, evaluate, explain")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    demo.add_argument("--config", type=Path, default=None, help="config (default: the packaged demo.yaml)")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--config", default="demo", help="a shipped config's name or a YAML file (default demo)")
+    demo.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     demo.set_defaults(handler=_demo)
 
 

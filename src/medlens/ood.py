@@ -207,3 +207,4 @@ def _without_borders(grey: np.ndarray, flat: float = 0.02) -> np.ndarray:
     if len(rows) < grey.shape[0] // 2 or len(cols) < grey.shape[1] // 2:
         return grey
     return grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+

@@ -184,6 +184,13 @@ def test_a_declined_file_still_reads_or_fails_as_the_general_decoders_say(pixels
         load_image(bytes(broken), overlap=overlap)
 
 
+def test_without_the_fast_png_extra_opencv_reads_the_same_pixels(monkeypatch, pixels):
+    monkeypatch.setattr(png, "FAST", False)
+    data = _png(pixels)
+    assert decode_grey8(data) is None
+    assert np.array_equal(load_image(data).pixels, pixels / np.float32(255))
+
+
 def test_every_real_grey_png_decodes_exactly_as_libpng(decode, shared_data):
     taken = 0
     for path in sorted(shared_data.rglob("*.png")):

@@ -26,7 +26,6 @@ from medlens.evaluation.metrics import evaluate_predictions, reliability_curve
 from medlens.jobs.evaluate import evaluate, format_metrics
 from medlens.reports.evaluation import RESEARCH_NOTICE, ReportInputs, write_report
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = tiny_run("train.epochs=1")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -293,11 +292,11 @@ def test_chromium_renders_the_report(phantom_evaluation, tmp_path):
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize(("config", "dataset"), [("cxr4.yaml", "cxr4"), ("nih14.yaml", "nih14")])
+@pytest.mark.parametrize(("config", "dataset"), [("cxr4", "cxr4"), ("nih14", "nih14")])
 def test_evaluate_real_data(tmp_path, shared_data, config, dataset, capsys):
     run, out, source = tmp_path / "run", tmp_path / "evaluation", shared_data / dataset
     overrides = short_real_run(source, tmp_path / "cache")
-    assert main(["train", str(REPO / "configs" / config), "--out", str(run), *_sets(overrides)]) == 0
+    assert main(["train", config, "--out", str(run), *_sets(overrides)]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(run), "--data", str(source), "--out", str(out), "--resamples", "200"]) == 0
     printed = capsys.readouterr().out

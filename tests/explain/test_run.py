@@ -15,12 +15,12 @@ from PIL import Image
 
 from medlens.cli import main
 from medlens.config import load_config
+from medlens.configs import find_config
 from medlens.data.records import read_nih_boxes
 from medlens.errors import ConfigError, DataSourceError
 from medlens.jobs.explain import explain_images, score_demo
 from medlens.jobs.train import train
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = tiny_run("data.image_size=64", "data.phantoms.size=96", "train.epochs=1")
 
 
@@ -112,7 +112,7 @@ def test_real_nih_boxes_are_scored(shared_data, tmp_path, capsys):
     nih = shared_data / "nih14"
     run = tmp_path / "run"
     overrides = short_real_run(nih, tmp_path / "cache")
-    train(load_config(REPO / "configs" / "nih14.yaml", overrides), run, progress=False)
+    train(load_config(find_config("nih14"), overrides), run, progress=False)
     boxes = read_nih_boxes(nih / "BBox_List_2017.csv")
     images = [nih / "images" / name for name in boxes["image"].unique()]
     out = tmp_path / "out"

@@ -325,7 +325,7 @@ def test_a_real_report_renders_in_chromium_and_prints_to_pdf(real_reports, tmp_p
 @pytest.mark.shared
 @pytest.mark.slow
 def test_face_reports_rank_five_syndromes_for_a_geneticist_from_the_cli_and_the_app(shared_data, tmp_path):
-    pytest.importorskip("dlib", reason="face checkpoints need dlib: pip install dlib-bin face-recognition-models")
+    pytest.importorskip("dlib", reason="face checkpoints need the faces extra: pip install 'medlens[faces]'")
     from fastapi.testclient import TestClient
 
     from medlens.serve.app import create_app

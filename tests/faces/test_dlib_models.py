@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from medlens.extras import MissingExtraError
 from medlens.faces import dlib_models
 from medlens.faces.dlib_models import MODEL_FILES, FaceModelsUnavailableError, model_path, models_folder
 
@@ -27,7 +28,7 @@ def test_the_distribution_file_list_finds_them_too(monkeypatch):
 def test_absent_models_give_the_install_hint(monkeypatch):
     monkeypatch.setattr(dlib_models, "MODELS_PACKAGE", "no_such_face_models")
     monkeypatch.setattr(dlib_models, "MODELS_DISTRIBUTION", "no-such-face-models")
-    with pytest.raises(FaceModelsUnavailableError, match="pip install dlib-bin face-recognition-models"):
+    with pytest.raises(FaceModelsUnavailableError, match=r"pip install 'medlens\[faces\]'"):
         models_folder()
 
 
@@ -38,5 +39,5 @@ def test_unknown_model_name_lists_the_valid_ones():
 
 def test_absent_dlib_gives_the_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "dlib", None)
-    with pytest.raises(FaceModelsUnavailableError, match="pip install dlib-bin"):
+    with pytest.raises(MissingExtraError, match=r"needs the 'faces' extra: pip install 'medlens\[faces\]'"):
         dlib_models.import_dlib()

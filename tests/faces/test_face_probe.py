@@ -4,7 +4,6 @@ the one config, the one train job and the one model contract, end to end on the 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +12,7 @@ from helpers import face_probe
 
 from medlens.cli import main
 from medlens.config import load_config
+from medlens.configs import find_config
 from medlens.errors import CheckpointError, ConfigError
 from medlens.inference import ProbeModel, load_model
 from medlens.jobs.evaluate import evaluate
@@ -20,8 +20,7 @@ from medlens.jobs.train import train
 
 pytestmark = pytest.mark.shared
 
-REPO = Path(__file__).resolve().parents[2]
-FACE_CONFIG = REPO / "configs" / "syndromes12-dlib.yaml"
+FACE_CONFIG = find_config("syndromes12-dlib")
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +166,7 @@ def test_aligned_chips_feed_the_cnn_route(tiny_faces, tmp_path, capsys):
     chips = sorted(aligned.glob("*/*.png"))
     assert len(chips) == 10 and {p.parent.name for p in chips} == {"Tony_Blair", "Serena_Williams"}
     assert pd.read_csv(aligned / "metadata.csv")["path"].tolist() == [str(p.relative_to(aligned)) for p in chips]
-    config = REPO / "configs" / "syndromes12.yaml"
+    config = find_config("syndromes12")
     overrides = ["model.name=tiny", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
                  "data.val_fraction=0.3", "data.test_fraction=0.2", f"data.source={aligned}"]  # fmt: skip
     run = tmp_path / "run"

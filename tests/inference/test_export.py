@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from medlens.backends import ONNX_FILE, ORT_SPINNING
 from medlens.cli import main
 from medlens.config import load_config
 from medlens.errors import CheckpointError
+from medlens.extras import MissingExtraError
 from medlens.inference import NetworkModel, load_model
 from medlens.jobs.export import PARITY_TOLERANCE, export_onnx
 from medlens.jobs.train import train
@@ -160,6 +162,19 @@ def test_forcing_onnxruntime_without_an_export_says_how_to_make_one(exported, tm
     assert load_model(bare).backend == "torch"
     with pytest.raises(CheckpointError, match="has no ONNX export; create one with: medlens export"):
         load_model(bare, backend="onnxruntime")
+
+
+def test_an_exported_checkpoint_runs_torch_where_onnx_runtime_is_not_installed(checkpoint, monkeypatch, caplog):
+    _say_faster(checkpoint, "onnxruntime")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails, as without the 'onnx' extra
+    monkeypatch.setattr("medlens.backends.installed", lambda *modules: False)
+    with caplog.at_level(logging.WARNING, logger="medlens.backends"):
+        assert load_model(checkpoint).backend == "torch"
+    assert "pip install 'medlens[onnx]'" in caplog.text
+    with pytest.raises(CheckpointError, match=r"ONNX Runtime is not installed here: pip install 'medlens\[onnx\]'"):
+        load_model(checkpoint, backend="onnxruntime")
+    with pytest.raises(MissingExtraError, match=r"needs the 'onnx' extra: pip install 'medlens\[onnx\]'"):
+        export_onnx(checkpoint)
 
 
 def test_export_cli_reports_parity_and_speed(checkpoint, capsys):

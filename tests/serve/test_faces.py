@@ -22,7 +22,7 @@ PEOPLE = ("Tony_Blair", "Serena_Williams", "Colin_Powell")
 @pytest.fixture(scope="module")
 def face_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A logistic head on the first 6 photos of each of PEOPLE."""
-    pytest.importorskip("dlib", reason="face checkpoints need dlib: pip install dlib-bin face-recognition-models")
+    pytest.importorskip("dlib", reason="face checkpoints need the faces extra: pip install 'medlens[faces]'")
     root = tmp_path_factory.mktemp("faces")
     for person in PEOPLE:  # symlinks: nothing from ../shared is copied
         (root / "photos" / person).mkdir(parents=True)

@@ -14,6 +14,7 @@ from helpers import METRICS_JSON_KEYS, short_real_run, tiny_run
 import medlens.jobs.cv as cv
 from medlens.cli import main
 from medlens.config import load_config
+from medlens.configs import find_config
 from medlens.data.records import load_source
 from medlens.errors import MedlensError
 from medlens.explain.cam import CamExplainer
@@ -169,7 +170,7 @@ def test_train_folds_from_the_command_line(tmp_path, capsys):
 @pytest.mark.shared
 def test_two_fold_cv_on_real_cxr4(tmp_path, shared_data):
     overrides = [*short_real_run(shared_data / "cxr4", tmp_path / "cache"), "data.image_size=32", "train.batch_size=32"]
-    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "cxr4.yaml", overrides)
+    config = load_config(find_config("cxr4"), overrides)
     metrics = cross_validate(config, tmp_path / "run", 2, progress=False, n_resamples=20)
     folds = pd.read_csv(tmp_path / "run" / cv.FOLDS_FILE, dtype=str)
     _check_folds(folds, len(load_source(shared_data / "cxr4")), 2)

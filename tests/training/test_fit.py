@@ -111,16 +111,16 @@ def test_torchrun_two_processes_match_one(tmp_path):
 @pytest.mark.parametrize(
     ("config", "dataset"),
     [
-        ("cxr4.yaml", "cxr4"),
-        ("nih14.yaml", "nih14"),
-        ("nih14-densenet121.yaml", "nih14"),
-        ("syndromes12.yaml", "faces-lfw15"),  # 15 people stand in for the 12 syndromes: RGB, MLP head
+        ("cxr4", "cxr4"),
+        ("nih14", "nih14"),
+        ("nih14-densenet121", "nih14"),
+        ("syndromes12", "faces-lfw15"),  # 15 people stand in for the 12 syndromes: RGB, MLP head
     ],
 )
 def test_ready_configs_run_short_on_real_data(tmp_path, shared_data, config, dataset, capsys):
     run = tmp_path / "run"
     overrides = short_real_run(shared_data / dataset, tmp_path / "cache")
-    args = ["train", str(REPO / "configs" / config), "--out", str(run)]
+    args = ["train", config, "--out", str(run)]
     assert main([*args, *[a for o in overrides for a in ("--set", o)]]) == 0
     manifest = read_manifest(run)
     assert manifest["labels"] == json.loads(json.dumps(manifest["labels"]))

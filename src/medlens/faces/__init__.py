@@ -3,6 +3,6 @@
 ``detect`` finds the largest face, its 68 landmarks and the aligned chip; ``embed`` turns chips into dlib's
 128-d descriptors, cached per image, and is the ``dlib_face`` embedder of probes (:mod:`medlens.models.embedders`);
 ``gallery`` ranks classes by nearest neighbours (classes added without training); ``align`` writes aligned
-chips for the CNN route. dlib and its models load lazily (``dlib_models``): pip install dlib-bin
-face-recognition-models.
+chips for the CNN route. dlib and its models load lazily (``dlib_models``), from
+the 'faces' extra: pip install 'medlens[faces]'.
 """

@@ -15,9 +15,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from medlens.errors import MedlensError
+from medlens.extras import MissingExtraError, install_hint, require
 
-INSTALL_HINT = "pip install dlib-bin face-recognition-models"
+INSTALL_HINT = install_hint("faces")
 MODELS_PACKAGE = "face_recognition_models"
 MODELS_DISTRIBUTION = "face-recognition-models"
 MODEL_FILES = {
@@ -29,8 +29,8 @@ MODEL_FILES = {
 """Short names of the pretrained files, as :func:`model_path` takes them."""
 
 
-class FaceModelsUnavailableError(MedlensError, ImportError):
-    """dlib or the pretrained dlib face models are not installed."""
+class FaceModelsUnavailableError(MissingExtraError):
+    """The pretrained dlib face models (of the 'faces' extra) are not installed."""
 
 
 def models_folder() -> Path:
@@ -69,12 +69,8 @@ def model_path(name: str) -> Path:
 
 
 def import_dlib() -> ModuleType:
-    """dlib, or an error saying how to install it."""
-    try:
-        import dlib
-    except ImportError as exc:
-        raise FaceModelsUnavailableError(f"face detection and embeddings need dlib ({exc}): {INSTALL_HINT}") from None
-    return dlib
+    """dlib, or an error saying which extra installs it."""
+    return require("dlib", extra="faces")
 
 
 @functools.cache

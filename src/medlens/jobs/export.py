@@ -21,12 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 
 from medlens.backends import ONNX_FILE, OnnxRunner
 from medlens.data.files import image_files
 from medlens.errors import CheckpointError, ConfigError
+from medlens.extras import MissingExtraError, require
 from medlens.inference import NetworkModel, load_model
 from medlens.io import file_sha256
 from medlens.models.checkpoint import WEIGHTS, update_manifest
@@ -65,6 +65,9 @@ def export_onnx(
     """Export, check parity on ``images`` (else a generated batch), time both backends, record the result."""
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is not supported: choose {MIN_OPSET} or later (default {OPSET})")
+    for module in ("onnx", "onnxscript"):  # torch's exporters import them
+        require(module, extra="onnx")
+    onnxruntime = require("onnxruntime", extra="onnx")
     # ONNX Runtime's CPU provider is what the export is checked and raced against: torch on the CPU too.
     predictor: NetworkModel = load_model(checkpoint, backend="torch", device="cpu")  # type: ignore[assignment]
     if predictor.network is None:
@@ -121,6 +124,9 @@ def export_or_warn(checkpoint: str | Path, images: Sequence[str | Path] = ()) ->
     """
     try:
         report = export_onnx(checkpoint, images)
+    except MissingExtraError as exc:  # an install without the extra: torch is the backend the user chose
+        log.info("%s is not exported to ONNX: %s", checkpoint, exc)
+        return None
     except Exception as exc:  # any exporter or runtime failure leaves the torch checkpoint as it was
         log.warning("%s was not exported to ONNX (%s: %s); it predicts with torch", checkpoint, type(exc).__name__, exc)
         return None

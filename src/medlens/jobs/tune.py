@@ -35,6 +35,7 @@ from medlens.config import PHANTOMS, Config
 from medlens.data.phantoms import ensure_phantoms
 from medlens.data.transforms import CONTRASTS
 from medlens.errors import ConfigError
+from medlens.extras import require
 from medlens.io import write_atomic
 from medlens.jobs.cv import CV_CURVES_FILE, CV_METRICS_FILE, cross_validate
 from medlens.runs import PHANTOMS_DIR
@@ -100,11 +101,7 @@ def tune(
 
 
 def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:
-        raise ConfigError("medlens tune needs Optuna: pip install optuna") from None
-    return optuna
+    return require("optuna", extra="tune")
 
 
 def _fixed_source(config: Config, out: Path) -> Config:

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 from medlens.errors import UsageError
+from medlens.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ def add_parser(jobs: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    require("fastapi", extra="serve")
+    require("python_multipart", extra="serve")
+    uvicorn = require("uvicorn", extra="serve")
     from medlens.serve.app import create_app
 
     check_port(args.host, args.port)
