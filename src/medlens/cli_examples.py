@@ -12,6 +12,7 @@ from collections.abc import Iterator
 EXAMPLES = {
     "": "medlens train cxr4 --data ../shared/data/cxr4 --out runs/cxr4",
     "configs": "medlens configs",
+    "models": "medlens models --json",
     "data": "medlens data inspect ../shared/data/nih14",
     "data inspect": "medlens data inspect ../shared/data/nih14 --json",
     "data phantoms": "medlens data phantoms --out runs/phantoms --n 400",

@@ -146,7 +146,7 @@ def test_the_images_look_like_radiographs(multilabel):
     ("kwargs", "message"),
     [
         ({"task": "segmentation"}, "task must be one of ('multiclass', 'multilabel'), not 'segmentation'"),
-        ({"n": 0}, "n must be at least 1 image, not 0"),
+        ({"n": 0}, "number of phantoms must be at least 1 image, not 0"),
         ({"size": 32}, "size must be at least 64 pixels, not 32"),
     ],
 )
