@@ -207,7 +207,7 @@ def main() -> None:
         checkpoint = args.checkpoint or random_checkpoint(Path(scratch), args.model, args.size)
         if args.backend == "onnxruntime" and "onnx" not in read_manifest(checkpoint):
             export_onnx(checkpoint, [IMAGE])
-        os.environ[BACKEND_ENV] = args.backend  # this process's Predictor and the server's
+        os.environ[BACKEND_ENV] = args.backend  # this process's model and the server's
         predictor = load_model(checkpoint)
         print(machine())
         print(

@@ -193,9 +193,10 @@ def _add_train(jobs: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from medlens.config import load_config
     from medlens.configs import find_config
+
+    config = load_config(find_config(args.config), _with_device(args))  # before torch: a bad key answers at once
     from medlens.jobs.train import train
 
-    config = load_config(find_config(args.config), _with_device(args))
     if args.folds:
         from medlens.jobs.cv import ENSEMBLE_DIR, cross_validate, format_cv
 
