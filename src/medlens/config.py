@@ -195,6 +195,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         set_dotted(raw, key.strip(), yaml.safe_load(value) if value else None)
     config = _build(Config, raw, "")
     _check_choices(config)
+    check_split(config.data)
+    check_last_n(config.model.strategy, config.model.last_n)
     return config
 
 
@@ -260,6 +262,23 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if any(a.startswith("dict[") for a in allowed) and isinstance(value, Mapping):
         return dict(value)
     raise ConfigError(f"{key} must be {kind}, got {value!r}")
+
+
+def check_split(data: DataConfig) -> None:
+    """The split fractions leave images to train and to validate on (a test split is optional)."""
+    if not (data.val_fraction > 0 and data.test_fraction >= 0 and data.val_fraction + data.test_fraction < 1):
+        raise ConfigError(
+            f"data.val_fraction={data.val_fraction} and data.test_fraction={data.test_fraction} must leave images "
+            "to train and validate on: val_fraction > 0, test_fraction >= 0 and their sum below 1"
+        )
+
+
+def check_last_n(strategy: str, last_n: int) -> None:
+    """``last_n`` is set exactly when the strategy uses it (its upper bound depends on the architecture)."""
+    if strategy != "last_n" and last_n:
+        raise ConfigError(
+            f"last_n={last_n} only applies to strategy 'last_n', not {strategy!r}: set one or the other"
+        )
 
 
 def _check_choices(config: Config) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medlens.config import PHANTOMS, Config
+from medlens.config import PHANTOMS, Config, check_split
 from medlens.errors import ConfigError, MedlensError
 from medlens.evaluation.calibration import calibrate
 from medlens.models.checkpoint import load_weights, update_manifest
@@ -87,11 +87,7 @@ def check_config(config: Config) -> str:
         check_probe(config)
         return "squash"
     d = config.data
-    if not (d.val_fraction > 0 and d.test_fraction >= 0 and d.val_fraction + d.test_fraction < 1):
-        raise ConfigError(
-            f"data.val_fraction={d.val_fraction} and data.test_fraction={d.test_fraction} must leave images to "
-            "train and validate on: val_fraction > 0, test_fraction >= 0 and their sum below 1"
-        )
+    check_split(d)  # again for a Config built in code rather than read by load_config
     resolve_precision(config.train.precision, resolve_device(config.train.device))
     pretrained = config.model.pretrained
     local = is_weights_file(pretrained) or str(pretrained).startswith("xrv:")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from medlens.config import check_last_n
 from medlens.errors import ConfigError
 from medlens.models.classifier import Classifier
 
@@ -25,10 +26,7 @@ def apply_strategy(model: Classifier, strategy: str, last_n: int = 0) -> Classif
     blocks = model.blocks()
     if strategy == "last_n" and not 1 <= last_n <= len(blocks):
         raise ConfigError(f"last_n must be between 1 and {len(blocks)} for {model.name}, got {last_n}")
-    if strategy != "last_n" and last_n:
-        raise ConfigError(
-            f"last_n={last_n} only applies to strategy 'last_n', not {strategy!r}: set one or the other"
-        )
+    check_last_n(strategy, last_n)
     trained = {"head": 0, "full": len(blocks), "last_n": last_n}[strategy]
     for i, block in enumerate(blocks):
         block.requires_grad_(i >= len(blocks) - trained)
