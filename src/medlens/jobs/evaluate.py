@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 SUBGROUP_COLUMNS = ("sex", "age", "view", "source_repo")
 N_SAMPLES = 12
+VALIDATION_NOTE = (
+    "the validation split chose the best epoch, the temperature and the thresholds: these numbers are optimistic"
+)
 
 
 @dataclass
@@ -103,15 +106,22 @@ def evaluation_data(predictor: Model, source: str | Path | None, split: str | No
         )
         log.warning(note)
         return EvaluationData(table.relabel(predictor.labels), source_path, None, note)
-    split = split or "test"
+    asked, split = split, split or "test"
     wanted = set(split_of.index[split_of == split])
+    if not wanted and asked is None:
+        raise DataSourceError(
+            f"the run kept no test split ({splits_file} has {sorted(set(saved['split']))}; data.test_fraction: 0): "
+            "pass --data with images it never saw, or --split val (optimistic: its best epoch, temperature and "
+            "thresholds were chosen on those images)"
+        )
     if not wanted:
         raise DataSourceError(f"{splits_file} has no {split!r} split; splits are {sorted(set(saved['split']))}")
     rows = np.flatnonzero(image_paths.isin(wanted).to_numpy())
     if len(rows) == 0:
         raise DataSourceError(f"none of the {len(wanted)} images of the {split!r} split is in {source_path}")
     log.info("evaluating the run's %s split: %d images", split, len(rows))
-    return EvaluationData(table.subset(rows).relabel(predictor.labels), source_path, split)
+    note = VALIDATION_NOTE if split == "val" else None
+    return EvaluationData(table.subset(rows).relabel(predictor.labels), source_path, split, note)
 
 
 def evaluate(
