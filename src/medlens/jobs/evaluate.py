@@ -22,8 +22,10 @@ import pandas as pd
 
 from medlens.data.records import RecordTable, load_source
 from medlens.errors import DataSourceError
+from medlens.evaluation.baseline import baseline_sentence
 from medlens.inference import Model, load_model
 from medlens.io import write_atomic
+from medlens.reports.evaluation import summary_scope
 from medlens.runs import HISTORY_FILE, SPLITS_FILE
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,7 @@ def evaluate(
 ) -> Evaluation:
     """Predict, then write predictions.csv, metrics.json and report.html in ``out``."""
     from medlens.evaluation.metrics import evaluate_predictions, reliability_curve, to_jsonable
+    from medlens.jobs.baseline import pixel_baseline
 
     predictor = load_model(checkpoint, device=device)
     data = evaluation_data(predictor, source, split)
@@ -163,6 +166,7 @@ def evaluate(
     metrics["evaluated_on"] = {**data.describe(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
     metrics["n_left_out"] = int((~answered).sum())
     metrics["left_out_because"] = _reasons(scores) if metrics["n_left_out"] else None
+    metrics["baseline"] = pixel_baseline(predictor.path, predictor.manifest, table, metrics)
     data = EvaluationData(table, data.source, data.split, data.note)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,6 +279,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     summary = metrics.get("auc_summary") or {}
     if summary.get("mean") is not None:
         lines.append("AUC  mean {mean:.3f}  median {median:.3f}  min {min:.3f}  max {max:.3f}".format(**summary))
+    if metrics.get("auc_summary_over") and metrics["task"] == "multilabel":
+        lines.append(f"AUC summary {summary_scope(metrics)}")
     if metrics.get("accuracy") is not None:
         top_k = "  ".join(f"{k.replace('_', '-')} {_shown(v)}" for k, v in (metrics.get("top_k") or {}).items())
         lines.append(
@@ -290,4 +296,6 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     else:
         lines.append(f"ECE {_shown(metrics.get('ece'))}")
     lines.append(f"{metrics['n_images']} images, {metrics['n_patients']} patients")
+    if "baseline" in metrics:
+        lines.append(baseline_sentence(metrics["baseline"]))
     return "\n".join(lines)
