@@ -74,3 +74,15 @@ def test_no_test_split_trains_on_the_rest_and_evaluate_says_what_to_do(tmp_path,
     assert main(["evaluate", str(run), "--data", str(other), "--out", str(tmp_path / "e"), "--resamples", "20"]) == 0
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["n_images"] == 12 and metrics["evaluated_on"]["split"] is None
+
+
+def test_cross_validation_warns_once_not_once_per_fold(tmp_path, caplog):
+    images = generate_phantoms(tmp_path / "films", n=24, task="multiclass", size=64, progress=False)
+    sets = tiny_run("train.epochs=1", "train.export_onnx=false", f"data.source={images}", "data.test_fraction=0")
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    argv = ["train", str(config), "--folds", "2", "--out", str(tmp_path / "cv")]
+    argv += [a for s in sets for a in ("--set", s)]
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    assert len(_warnings(caplog)) == 1

@@ -45,8 +45,12 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_calibrated: Calibrated | None = None,
+    warn_scratch: bool = True,
 ) -> dict[str, Any]:
-    """Train per ``config`` into ``run_dir``; returns the best epoch's validation metrics."""
+    """Train per ``config`` into ``run_dir``; returns the best epoch's validation metrics.
+
+    ``warn_scratch``: say so when random weights meet too few images (:func:`warn_if_overparameterised`);
+    cross-validation says it for its first fold only."""
     run_dir = Path(run_dir)
     resize = check_config(config)
     engine = engines.start_engine(config.train.device, config.train.precision)
@@ -55,7 +59,7 @@ def train(
         if config.model.strategy == "probe":
             return train_probe(config, run_dir, engine, progress)
         data = prepare_data(config, run_dir, engine, resize)
-        if engine.is_main:
+        if engine.is_main and warn_scratch:
             warn_if_overparameterised(config, len(data.table.label_names), len(data.splits["train"]))
         best = fit(config, run_dir, data, engine, resume, progress and engine.is_main)
         if engine.is_main:
@@ -115,7 +119,7 @@ def warn_if_overparameterised(config: Config, num_classes: int, n_train: int) ->
     parameters per training image; returns the trainable count where it warned.
 
     Not for generated phantoms: their findings are drawn to be learnable from scratch (the demo learns them
-    with 7,500 parameters per image); on a few hundred real films such a network mostly memorises them.
+    with about 7,600 parameters per image); on a few hundred real films such a network mostly memorises them.
     """
     if config.model.pretrained or config.data.source == PHANTOMS:
         return None
