@@ -22,9 +22,10 @@ def tiny_run(*extra: str) -> list[str]:
 
 
 def short_real_run(source: Path, cache: Path) -> list[str]:
-    """Overrides that turn a ready config into a 1-epoch tiny-model run on real data."""
+    """Overrides that turn a ready config into a 1-epoch tiny-model run on real data, offline (no hub weights)."""
     return [
         "model.name=tiny",
+        "model.pretrained=false",
         "model.strategy=full",
         "model.last_n=0",
         "data.image_size=64",

@@ -58,9 +58,13 @@ NO_DATA = [
     ("strategy/last_n clash", lambda p: _train(p, "model.strategy=full", "model.last_n=2"), "last_n"),
     ("bad choice", lambda p: _train(p, "train.optimizer=lion"), "train.optimizer"),
     ("split fractions", lambda p: _train(p, "data.val_fraction=0.6", "data.test_fraction=0.5"), "val_fraction"),
-    ("missing config", lambda p: ["train", str(p["empty"] / "nope.yaml"), "--out", "x"], "neither a file nor a shipped config"),
+    ("missing config", lambda p: ["train", str(p["empty"] / "nope.yaml"), "--out", "x"],
+     "neither a file nor a shipped config"),
     ("broken yaml", lambda p: ["train", str(p["broken.yaml"]), "--out", "x"], "not valid YAML"),
     ("hub offline", lambda p: _train(p, "model.pretrained=true"), "model.pretrained"),
+    *[(f"{name} offline", lambda p, name=name: ["train", name, "--data", str(p["images"]), "--out", "out"],
+       "model.pretrained: /path/to/weights.safetensors")
+      for name in ("cxr4", "nih14", "nih14-densenet121", "syndromes12")],  # shipped configs start from hub weights
     ("missing weights file", lambda p: _train(p, f"model.pretrained={p['empty']}/w.safetensors"), "w.safetensors"),
     ("run exists", lambda p: _train(p, out=p["run"]), "--resume"),
     ("out is a file", lambda p: _train(p, "data.source=/nonexistent", out=p["a-file"] / "run"), "another --out"),

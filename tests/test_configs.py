@@ -10,7 +10,8 @@ from medlens.cli import main
 from medlens.configs import FOLDER, find_config, purpose, shipped_configs
 from medlens.errors import ConfigError
 
-NAMES = {"cxr4", "demo", "nih14", "nih14-densenet121", "syndromes12", "syndromes12-dlib"}
+NAMES = {"cxr4", "cxr4-scratch", "demo", "nih14", "nih14-densenet121", "nih14-scratch", "syndromes12",
+         "syndromes12-dlib", "syndromes12-scratch"}  # fmt: skip
 
 
 def test_every_config_ships_with_a_one_line_purpose():
@@ -27,7 +28,7 @@ def test_a_name_finds_the_shipped_file_from_any_folder(tmp_path, monkeypatch):
     assert find_config("cxr4.yaml").resolve() == tmp_path / "cxr4.yaml"  # an existing file wins
     (tmp_path / "nih14").mkdir()
     assert find_config("nih14") == FOLDER / "nih14.yaml" and find_config("/dev/null") == Path("/dev/null")
-    with pytest.raises(ConfigError, match="shipped configs: cxr4, demo, nih14, "):
+    with pytest.raises(ConfigError, match="shipped configs: cxr4, cxr4-scratch, demo, nih14, "):
         find_config("configs/nih14.yaml")
 
 

@@ -413,3 +413,18 @@ def test_to_jsonable_and_input_checks():
         M.multilabel_metrics(np.zeros((3, 2)), np.zeros((3, 2)), names(3))
     with pytest.raises(ValueError, match="one entry per image"):
         M.auc_ci(np.zeros((3, 1)), np.zeros((3, 1)), ["a", "b"])
+
+
+def test_multilabel_auc_summary_averages_only_labels_with_enough_positives():
+    rng = np.random.default_rng(7)
+    y, p = multilabel_data(rng, n=120, k=3, unknown=0.0)
+    y[:, 2] = 0
+    y[:4, 2] = 1  # 4 positives: an AUC, but below MIN_POSITIVES
+    out = M.multilabel_metrics(y, p, names(3))
+    assert out["auc"]["finding_2"] is not None
+    over = {"min_positives": M.MIN_POSITIVES, "labels": names(3)[:2], "excluded": ["finding_2"]}
+    assert out["auc_summary_over"] == over
+    assert out["auc_summary"]["mean"] == pytest.approx(np.mean([out["auc"][n] for n in names(3)[:2]]))
+    assert out["macro_auc"] == pytest.approx(np.mean(list(out["auc"].values())))  # every defined AUC, as before
+    loose = M.multilabel_metrics(y, p, names(3), min_positives=4)
+    assert loose["auc_summary_over"]["excluded"] == [] and loose["auc_summary"]["max"] >= out["auc_summary"]["max"]

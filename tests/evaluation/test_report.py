@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 from medlens.cli import main
 from medlens.errors import DataSourceError
 from medlens.evaluation import plots
+from medlens.evaluation.baseline import baseline_sentence
 from medlens.evaluation.curves import pr_curves, roc_curves, tpr_at
 from medlens.evaluation.metrics import evaluate_predictions, reliability_curve
 from medlens.jobs.evaluate import evaluate, format_metrics
@@ -312,3 +313,42 @@ def test_evaluate_real_data(tmp_path, shared_data, config, dataset, capsys):
     if dataset == "nih14":
         assert no_positive, "the nih14 test split was expected to miss some rare finding"
         assert all(metrics["auc"][name] is None for name in no_positive)
+
+
+# ---------------------------------------------------------------------------------------------- pixel baseline
+
+
+def test_evaluate_lays_the_pixel_baseline_beside_the_model(phantom_run, phantom_evaluation):
+    metrics = json.loads((phantom_evaluation / "metrics.json").read_text())
+    baseline = metrics["baseline"]
+    splits = pd.read_csv(phantom_run / "splits.csv")
+    assert baseline["n_train"] == (splits["split"] == "train").sum() and baseline["size"] == 32
+    assert set(baseline["auc"]) == set(metrics["labels"]) and baseline["scored"]
+    for name in baseline["scored"]:
+        assert 0.0 <= baseline["auc"][name] <= 1.0 and isinstance(baseline["model_better"][name], bool)
+    assert set(baseline["labels_compared"]) <= set(metrics["auc_summary_over"]["labels"])
+    page = (phantom_evaluation / "report.html").read_text(encoding="utf-8")
+    assert 'id="baseline"' in page and "logistic regression on 32 x 32 standardised pixels" in page
+    assert baseline_sentence(baseline) in format_metrics(metrics)
+
+
+def test_auc_summaries_say_which_labels_they_average(phantom_evaluation):
+    metrics = json.loads((phantom_evaluation / "metrics.json").read_text())
+    over = metrics["auc_summary_over"]
+    assert over["min_positives"] == 5 and set(over["labels"]) | set(over["excluded"]) == set(metrics["labels"])
+    for name in over["labels"]:
+        assert metrics["per_class"][name]["n_positive"] >= 5 and metrics["auc"][name] is not None
+    assert "with >= 5 positives" in format_metrics(metrics)
+
+
+def test_evaluate_without_the_training_split_omits_the_baseline_in_one_line(phantom_run, tmp_path, caplog):
+    from medlens.data.phantoms import generate_phantoms
+
+    bare = tmp_path / "elsewhere" / "best"
+    shutil.copytree(phantom_run / "best", bare)  # the checkpoint alone: no splits.csv, as on another machine
+    other = generate_phantoms(tmp_path / "other", n=12, task="multilabel", size=64, seed=7, progress=False)
+    result = evaluate(bare, tmp_path / "e", source=other, n_resamples=20, progress=False)
+    omitted = "no splits.csv beside the checkpoint, so no training split to fit it on"
+    assert result.metrics["baseline"] == {"omitted": omitted}
+    assert [r for r in caplog.records if r.getMessage().startswith("no pixel baseline: ")]
+    assert "No pixel baseline: no splits.csv" in result.report.read_text(encoding="utf-8")

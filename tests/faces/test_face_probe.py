@@ -167,8 +167,9 @@ def test_aligned_chips_feed_the_cnn_route(tiny_faces, tmp_path, capsys):
     assert len(chips) == 10 and {p.parent.name for p in chips} == {"Tony_Blair", "Serena_Williams"}
     assert pd.read_csv(aligned / "metadata.csv")["path"].tolist() == [str(p.relative_to(aligned)) for p in chips]
     config = find_config("syndromes12")
-    overrides = ["model.name=tiny", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
-                 "data.val_fraction=0.3", "data.test_fraction=0.2", f"data.source={aligned}"]  # fmt: skip
+    overrides = ["model.name=tiny", "model.pretrained=false", "data.image_size=64", "train.epochs=1",
+                 "train.batch_size=4", "data.val_fraction=0.3", "data.test_fraction=0.2",
+                 f"data.source={aligned}"]  # fmt: skip
     run = tmp_path / "run"
     assert main(["train", str(config), "--out", str(run), *[a for o in overrides for a in ("--set", o)]]) == 0
     assert json.loads((run / "best" / "manifest.json").read_text())["labels"] == ["Serena_Williams", "Tony_Blair"]

@@ -74,6 +74,8 @@ class ImageCache:
                 f"{self.root} is not a finished image cache (missing or incomplete cache.json, index.csv or "
                 f"done.npy); build it with: {BUILD_COMMAND}"
             )
+        self.meta: dict = meta
+        """cache.json: the size, channels and preprocessing options the images were prepared with."""
         self.size: int = meta["size"]
         self.channels: int = meta["channels"]
         self.paths: list[str] = index["path"].tolist()

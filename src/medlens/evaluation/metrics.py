@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 TASKS = ("multilabel", "multiclass")
 THRESHOLD_METHODS = ("youden", "sensitivity")
 DEFAULT_AGE_BANDS = (0, 20, 40, 60, 80, 200)
+MIN_POSITIVES = 5
+"""Multi-label AUC summaries (min, max, mean, median) average only labels with at least this many positives
+among the evaluated images: an AUC from two positives swings by 0.5 with one ranking."""
 # Cells of one resample-by-image weight block in the bootstrap: bounds memory (~32 MB of float64).
 _BOOTSTRAP_BLOCK_CELLS = 4_000_000
 
@@ -110,6 +113,19 @@ def _summary(values: Sequence[float | None]) -> dict[str, float | None]:
     }
 
 
+def summarised_labels(
+    y: np.ndarray, names: Sequence[str], aucs: Sequence[float | None], min_positives: int
+) -> dict[str, Any]:
+    """Which labels an AUC summary averages: those with a defined AUC and at least ``min_positives`` positives."""
+    positives = (np.nan_to_num(y, nan=0.0) == 1).sum(axis=0)
+    included = [n for n, auc, k in zip(names, aucs, positives, strict=True) if auc is not None and k >= min_positives]
+    return {
+        "min_positives": min_positives,
+        "labels": included,
+        "excluded": [name for name in names if name not in included],
+    }
+
+
 def _known_binary(y_col: np.ndarray, p_col: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     """Known rows of one column, and whether both classes are present (AUC, AP, thresholds need both)."""
     known = np.isfinite(y_col)
@@ -127,6 +143,12 @@ def _ranking_scores(y: np.ndarray, p: np.ndarray) -> tuple[list[float | None], l
         aucs.append(float(roc_auc_score(yk, pk)) if defined else None)
         aps.append(float(average_precision_score(yk, pk)) if defined else None)
     return aucs, aps
+
+
+def auc_per_label(y_true: Any, y_prob: Any, task: str) -> list[float | None]:
+    """ROC AUC per column (one-vs-rest for multi-class) on its known rows; None where a class is missing."""
+    y, p = as_arrays(y_true, y_prob)
+    return _ranking_scores(ranking_targets(y, task), p)[0]
 
 
 def _operating_point(y_col: np.ndarray, p_col: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -159,23 +181,28 @@ def multilabel_metrics(
     y_prob: Any,
     label_names: Sequence[str],
     thresholds: Sequence[float | None] | None = None,
+    min_positives: int = MIN_POSITIVES,
 ) -> dict[str, Any]:
     """Per-label AUC, AP and operating-point metrics (threshold 0.5 where none is given).
 
     Returns ``labels``, ``auc`` and ``ap`` (label -> float or None), ``auc_summary`` ({min, max, mean,
-    median} over defined AUCs), ``macro_auc`` (their mean), ``thresholds`` (label -> float) and
-    ``per_class`` (label -> n_known, n_positive, threshold, sensitivity, specificity, ppv, npv, f1 and
-    ``confusion`` {tp, fp, fn, tn}).
+    median} over the defined AUCs of labels with at least ``min_positives`` positives), ``auc_summary_over``
+    (that N, the labels averaged and those left out), ``macro_auc`` (the mean over every defined AUC, what
+    training, cross-validation and tuning compare), ``thresholds`` (label -> float) and ``per_class``
+    (label -> n_known, n_positive, threshold, sensitivity, specificity, ppv, npv, f1 and ``confusion``
+    {tp, fp, fn, tn}).
     """
     y, p = as_arrays(y_true, y_prob, label_names)
     names = list(label_names)
     cutoffs = _resolve_thresholds(thresholds, len(names))
     aucs, aps = _ranking_scores(y, p)
+    over = summarised_labels(y, names, aucs, min_positives)
     return {
         "labels": names,
         "auc": dict(zip(names, aucs, strict=True)),
         "ap": dict(zip(names, aps, strict=True)),
-        "auc_summary": _summary(aucs),
+        "auc_summary": _summary([auc for name, auc in zip(names, aucs, strict=True) if name in over["labels"]]),
+        "auc_summary_over": over,
         "macro_auc": _mean_defined(aucs),
         "thresholds": dict(zip(names, cutoffs, strict=True)),
         "per_class": {name: _operating_point(y[:, j], p[:, j], cutoffs[j]) for j, name in enumerate(names)},
@@ -247,6 +274,7 @@ def multiclass_metrics(
         "auc": dict(zip(names, aucs, strict=True)),
         "ap": dict(zip(names, aps, strict=True)),
         "auc_summary": _summary(aucs),
+        "auc_summary_over": summarised_labels(ranking_targets(y, "multiclass"), names, aucs, 1),
         "macro_auc": _mean_defined(aucs),
     }
 
@@ -612,11 +640,13 @@ def evaluate_predictions(
     subgroup_columns: Sequence[str] = (),
     alpha: float = 0.05,
     n_bins: int = 15,
+    min_positives: int = MIN_POSITIVES,
 ) -> dict[str, Any]:
     """The content of metrics.json, JSON-ready (plain floats, None for undefined).
 
     Keys: task, labels, n_images, n_patients, auc, auc_ci (label -> [lo, hi] or None), auc_summary,
-    macro_auc, ap, accuracy, balanced_accuracy, top_k (None for multi-label), ece, reliability (bin
+    auc_summary_over (min_positives, the labels averaged, those excluded; multi-class: every class with a
+    defined AUC), macro_auc, ap, accuracy, balanced_accuracy, top_k (None for multi-label), ece, reliability (bin
     centres, accuracy, confidence, counts), thresholds (label -> threshold for multi-label; None for
     multi-class, whose decision is the top class), per_class, subgroups, n_resamples, ci_level, seed; and
     for multi-class also macro_avg, confusion and confusion_normalized.
@@ -626,7 +656,7 @@ def evaluate_predictions(
     names = list(label_names)
     ids = np.asarray(patient_ids).astype(str)
     if task == "multilabel":
-        core = multilabel_metrics(y, p, names, thresholds)
+        core = multilabel_metrics(y, p, names, thresholds, min_positives)
         extra: dict[str, Any] = {"accuracy": None, "balanced_accuracy": None, "top_k": None}
     else:
         core = multiclass_metrics(y, p, names)
@@ -645,6 +675,7 @@ def evaluate_predictions(
         "auc": core["auc"],
         "auc_ci": dict(zip(names, intervals, strict=True)),
         "auc_summary": core["auc_summary"],
+        "auc_summary_over": core["auc_summary_over"],
         "macro_auc": core["macro_auc"],
         "ap": core["ap"],
         **extra,

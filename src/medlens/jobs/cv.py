@@ -180,6 +180,7 @@ def _run_fold(
             resume=(fold_dir / "last").exists(),
             progress=progress,
             on_calibrated=lambda data, probs: _write_oof(fold_dir, data, probs),
+            warn_scratch=i == 0,  # the folds differ only in which images they hold out: one warning is enough
         )
     rows, probs = _read_oof(fold_dir, table, splits[name])
     manifest = read_manifest(fold_dir / "best")

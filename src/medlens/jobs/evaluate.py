@@ -22,14 +22,19 @@ import pandas as pd
 
 from medlens.data.records import RecordTable, load_source
 from medlens.errors import DataSourceError
+from medlens.evaluation.baseline import baseline_sentence
 from medlens.inference import Model, load_model
 from medlens.io import write_atomic
+from medlens.reports.evaluation import summary_scope
 from medlens.runs import HISTORY_FILE, SPLITS_FILE
 
 log = logging.getLogger(__name__)
 
 SUBGROUP_COLUMNS = ("sex", "age", "view", "source_repo")
 N_SAMPLES = 12
+VALIDATION_NOTE = (
+    "the validation split chose the best epoch, the temperature and the thresholds: these numbers are optimistic"
+)
 
 
 @dataclass
@@ -103,15 +108,22 @@ def evaluation_data(predictor: Model, source: str | Path | None, split: str | No
         )
         log.warning(note)
         return EvaluationData(table.relabel(predictor.labels), source_path, None, note)
-    split = split or "test"
+    asked, split = split, split or "test"
     wanted = set(split_of.index[split_of == split])
+    if not wanted and asked is None:
+        raise DataSourceError(
+            f"the run kept no test split ({splits_file} has {sorted(set(saved['split']))}; data.test_fraction: 0): "
+            "pass --data with images it never saw, or --split val (optimistic: its best epoch, temperature and "
+            "thresholds were chosen on those images)"
+        )
     if not wanted:
         raise DataSourceError(f"{splits_file} has no {split!r} split; splits are {sorted(set(saved['split']))}")
     rows = np.flatnonzero(image_paths.isin(wanted).to_numpy())
     if len(rows) == 0:
         raise DataSourceError(f"none of the {len(wanted)} images of the {split!r} split is in {source_path}")
     log.info("evaluating the run's %s split: %d images", split, len(rows))
-    return EvaluationData(table.subset(rows).relabel(predictor.labels), source_path, split)
+    note = VALIDATION_NOTE if split == "val" else None
+    return EvaluationData(table.subset(rows).relabel(predictor.labels), source_path, split, note)
 
 
 def evaluate(
@@ -125,6 +137,7 @@ def evaluate(
 ) -> Evaluation:
     """Predict, then write predictions.csv, metrics.json and report.html in ``out``."""
     from medlens.evaluation.metrics import evaluate_predictions, reliability_curve, to_jsonable
+    from medlens.jobs.baseline import pixel_baseline
 
     predictor = load_model(checkpoint, device=device)
     data = evaluation_data(predictor, source, split)
@@ -153,6 +166,7 @@ def evaluate(
     metrics["evaluated_on"] = {**data.describe(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
     metrics["n_left_out"] = int((~answered).sum())
     metrics["left_out_because"] = _reasons(scores) if metrics["n_left_out"] else None
+    metrics["baseline"] = pixel_baseline(predictor.path, predictor.manifest, table, metrics)
     data = EvaluationData(table, data.source, data.split, data.note)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,6 +279,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     summary = metrics.get("auc_summary") or {}
     if summary.get("mean") is not None:
         lines.append("AUC  mean {mean:.3f}  median {median:.3f}  min {min:.3f}  max {max:.3f}".format(**summary))
+    if metrics.get("auc_summary_over") and metrics["task"] == "multilabel":
+        lines.append(f"AUC summary {summary_scope(metrics)}")
     if metrics.get("accuracy") is not None:
         top_k = "  ".join(f"{k.replace('_', '-')} {_shown(v)}" for k, v in (metrics.get("top_k") or {}).items())
         lines.append(
@@ -280,4 +296,6 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     else:
         lines.append(f"ECE {_shown(metrics.get('ece'))}")
     lines.append(f"{metrics['n_images']} images, {metrics['n_patients']} patients")
+    if "baseline" in metrics:
+        lines.append(baseline_sentence(metrics["baseline"]))
     return "\n".join(lines)

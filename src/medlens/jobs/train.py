@@ -35,6 +35,8 @@ Calibrated = Callable[[RunData, np.ndarray], None]
 """Called with the run's data and best/'s calibrated validation probabilities once they are stored."""
 
 PARITY_IMAGES = 32
+PARAMS_PER_IMAGE_LIMIT = 1_000
+"""Trainable parameters per training image above which learning from random weights earns a warning."""
 
 
 def train(
@@ -43,8 +45,12 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_calibrated: Calibrated | None = None,
+    warn_scratch: bool = True,
 ) -> dict[str, Any]:
-    """Train per ``config`` into ``run_dir``; returns the best epoch's validation metrics."""
+    """Train per ``config`` into ``run_dir``; returns the best epoch's validation metrics.
+
+    ``warn_scratch``: say so when random weights meet too few images (:func:`warn_if_overparameterised`);
+    cross-validation says it for its first fold only."""
     run_dir = Path(run_dir)
     resize = check_config(config)
     engine = engines.start_engine(config.train.device, config.train.precision)
@@ -53,6 +59,8 @@ def train(
         if config.model.strategy == "probe":
             return train_probe(config, run_dir, engine, progress)
         data = prepare_data(config, run_dir, engine, resize)
+        if engine.is_main and warn_scratch:
+            warn_if_overparameterised(config, len(data.table.label_names), len(data.splits["train"]))
         best = fit(config, run_dir, data, engine, resume, progress and engine.is_main)
         if engine.is_main:
             _after_training(config, run_dir, data, engine, on_calibrated)
@@ -100,6 +108,29 @@ def check_config(config: Config) -> str:
             "than they learned; set data.image_size=%d", model.preprocessing.source, wanted, d.image_size, wanted
         )
     return model.preprocessing.resize
+
+
+def warn_if_overparameterised(config: Config, num_classes: int, n_train: int) -> int | None:
+    """One warning when a network starts from random weights with more than PARAMS_PER_IMAGE_LIMIT trainable
+    parameters per training image; returns the trainable count where it warned.
+
+    Not for generated phantoms: their findings are drawn to be learnable from scratch (the demo learns them
+    with about 7,600 parameters per image); on a few hundred real films such a network mostly memorises them.
+    """
+    if config.model.pretrained or config.data.source == PHANTOMS:
+        return None
+    model = build_model(config, num_classes, pretrained=False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable <= PARAMS_PER_IMAGE_LIMIT * n_train:
+        return None
+    log.warning(
+        "%s from random weights has %s trainable parameters for %s training images (%s per image, more than "
+        "%s): it will mostly memorise them. Start from pretrained weights (model.pretrained, see "
+        "docs/transfer.md), fit a probe on frozen features (model.strategy: probe), or train a smaller model",
+        config.model.name, f"{trainable:,}", f"{n_train:,}", f"{trainable // max(n_train, 1):,}",
+        f"{PARAMS_PER_IMAGE_LIMIT:,}",
+    )
+    return trainable
 
 
 def check_run_dir(run_dir: Path, resume: bool, engine: Engine) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from medlens.evaluation import plots
+from medlens.evaluation.baseline import baseline_sentence
 from medlens.evaluation.curves import PrCurve, RocCurve
 from medlens.evaluation.metrics import ReliabilityCurve
 from medlens.io import write_atomic
@@ -169,6 +170,10 @@ def _summary(metrics: Mapping[str, Any], inputs: ReportInputs) -> _Section:
             f" ({sum(v is not None for v in metrics['auc'].values())} of {len(metrics['labels'])} defined)",
         ),
     ]
+    if metrics["task"] == "multilabel" and metrics.get("auc_summary_over"):
+        pairs.append(("AUC summary", esc(summary_scope(metrics))))
+    if "baseline" in metrics:
+        pairs.append(("pixel baseline", esc(baseline_sentence(metrics["baseline"]))))
     if metrics["task"] == "multiclass":
         pairs.append(("accuracy", _num(metrics.get("accuracy"))))
         pairs.append(("balanced accuracy", _num(metrics.get("balanced_accuracy"))))
@@ -216,6 +221,46 @@ def _per_label(metrics: Mapping[str, Any]) -> _Section:
     note = "The predicted class is the highest probability. Rows of the confusion matrix are true classes."
     body = _table(header, rows) + "<h3>Confusion matrix (counts)</h3>" + confusion + f'<p class="note">{note}</p>'
     return _Section("per-label", "Per-class results", body)
+
+
+def summary_scope(metrics: Mapping[str, Any]) -> str:
+    """Which labels the AUC summary averages, e.g. 'over 12 of 14 labels with >= 5 positives (left out: ...)'."""
+    over = metrics["auc_summary_over"]
+    n, shown = over["min_positives"], f"over {len(over['labels'])} of {len(metrics['labels'])} labels"
+    left_out = f" (left out: {', '.join(over['excluded'])})" if over["excluded"] else ""
+    return f"{shown} with >= {n} positive{'s' if n != 1 else ''} and a defined AUC{left_out}"
+
+
+def _baseline(metrics: Mapping[str, Any]) -> _Section | None:
+    """The model's AUC beside the pixel baseline's, per label, saying plainly where the model does not beat it."""
+    baseline = metrics.get("baseline")
+    if baseline is None:
+        return None
+    sentence = f'<p><b>{esc(baseline_sentence(baseline))}</b></p>'
+    if baseline.get("omitted"):
+        return _Section("baseline", "Pixel baseline", sentence)
+    verdicts = {True: "model better", False: "<b>model does not beat it</b>", None: _undefined()}
+    rows = [
+        [
+            esc(name),
+            _num(metrics["auc"][name]),
+            _num(baseline["auc"][name]),
+            verdicts[baseline["model_better"][name]],
+            "yes" if name in baseline["labels_compared"] else "no",
+        ]
+        for name in metrics["labels"]
+    ]
+    mean = ["<b>mean over the labels compared</b>", _num(baseline["model_mean_auc"]), _num(baseline["mean_auc"])]
+    rows.append([*mean, verdicts[baseline["model_better_overall"]], ""])
+    header = ["label", "model AUC", "baseline AUC", "verdict", "in the mean"]
+    note = (
+        f"The baseline is {baseline['model']}, fitted on {baseline['n_train']} images of the run's own training "
+        "split and scored on the images evaluated here. A model that does not beat it has learned little beyond "
+        "what raw intensities say (exposure, burned-in text, the source's film). The mean is over the labels "
+        "both score among those the AUC summary averages."
+    )
+    body = sentence + _table(header, rows, numeric_from=1) + f'<p class="note">{esc(note)}</p>'
+    return _Section("baseline", "Pixel baseline", body)
 
 
 def _operating_points(metrics: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
@@ -381,6 +426,7 @@ def render_report(metrics: Mapping[str, Any], inputs: ReportInputs) -> str:
     sections = [
         _summary(metrics, inputs),
         _per_label(metrics),
+        _baseline(metrics),
         _curves(metrics, inputs),
         _calibration(metrics, inputs),
         _subgroups(metrics),
