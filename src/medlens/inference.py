@@ -13,7 +13,8 @@ questions whatever the kind:
 Every model has ``labels``, ``task``, ``inputs`` (``chest-xray``, ``face-photo`` or ``image``: what it was
 made for, and so whether the X-ray guard applies), ``thresholds`` and ``temperature``; it reads images
 (:meth:`read`), prepares them (:meth:`prepare`, thread-safe, so decoding can overlap the model),
-scores them (:meth:`logits`, :meth:`probabilities`, :meth:`predict_paths`), names positives, draws heatmaps
+scores them (:meth:`logits`, :meth:`probabilities`, :meth:`predict_paths`), gives what its head sees
+(:meth:`features`), names positives, draws heatmaps
 by method (:meth:`heatmaps`: CAMs for networks, occlusion for probes) and gives its model card.
 evaluate, explain, predict, study reports and serve all go through it and never ask which kind they hold.
 An image a model cannot answer for (a photo without a face) gets a NaN row and a named problem.
@@ -122,6 +123,8 @@ class Model(Protocol):
     def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> Scores: ...
 
     def probabilities(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray: ...
+
+    def features(self, prepared: Sequence[Any]) -> np.ndarray: ...
 
     def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
 
@@ -321,6 +324,16 @@ class NetworkModel(_Shared):
             raise out_of_memory(self.device, len(prepared), fits, f"rerun with --batch-size {fits}") from None
         return Scores(values, [None] * len(values), [{} for _ in values])
 
+    @torch.no_grad()
+    def features(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
+        """What the head sees (N x D float32): the pooled penultimate-layer features; a network without that
+        split (a fold ensemble) gives its logits."""
+        x = self.prepared_tensor(prepared)
+        network = self.network
+        if hasattr(network, "forward_features") and hasattr(network, "forward_head"):
+            return network.forward_head(network.forward_features(x), pre_logits=True).float().cpu().numpy()
+        return network(x).float().cpu().numpy()
+
     def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> Scores:
         """Raw logits (N x K) for image files, in batches; evaluation keeps them to report calibration at T=1."""
         paths = list(paths)
@@ -444,6 +457,15 @@ class ProbeModel(_Shared):
         if found:
             vectors[[i for i, f in enumerate(frames) if f is not None]] = self.embedder.embed_frames(found)
         return Scores(self._head_logits(vectors), problems, details)
+
+    def features(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
+        """What the head sees: the embedder's vectors (N x D; NaN rows where it found no frame)."""
+        frames = [self._frame(image)[0] for image in prepared]
+        vectors = np.full((len(prepared), self.embedder.size), np.nan, dtype=np.float32)
+        found = [i for i, frame in enumerate(frames) if frame is not None]
+        if found:
+            vectors[found] = self.embedder.embed_frames([frames[i].image for i in found])
+        return vectors
 
     def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> Scores:
         """Logits of image files, embeddings read from (and added to) the run's embedding cache."""

@@ -343,6 +343,17 @@ def auc_ci(
     ``y_true`` is a 0/1/NaN matrix (for multi-class pass one-vs-rest columns, NaN rows unknown); each
     column uses its known rows. None for a column whose AUC is undefined or too rarely defined.
     """
+    values, defined = auc_resamples(y_true, y_prob, patient_ids, n_resamples, seed)
+    return [
+        _percentile_interval(v, alpha, min_defined) if d else None for v, d in zip(values, defined, strict=True)
+    ]
+
+
+def auc_resamples(
+    y_true: Any, y_prob: Any, patient_ids: Any, n_resamples: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, list[bool]]:
+    """The per-column AUC of every patient resample (K x resamples, NaN where undefined) behind :func:`auc_ci`,
+    and whether each column's AUC is defined at all; a macro AUC's interval averages these columns."""
     y, p = as_arrays(y_true, y_prob)
     columns = []
     for j in range(y.shape[1]):
@@ -363,10 +374,7 @@ def auc_ci(
                     block[:, rows].astype(np.float64), positive, tie_starts
                 )
         done += len(block)
-    return [
-        _percentile_interval(v, alpha, min_defined) if c else None
-        for v, c in zip(values, columns, strict=True)
-    ]
+    return values, [c is not None for c in columns]
 
 
 # ---------------------------------------------------------------------------------------------- calibration
