@@ -10,9 +10,10 @@ ways, none of which leaves a new edge that a model could read instead:
 
 Burned-in text (:func:`find_text`) is found by a heuristic, not read: bright strokes far above their
 surroundings (a white top-hat a few percent of the image wide, thresholded well above the film's own
-contrast), grouped into compact blobs of a text line's height, in the outer quarter of the image where
-annotations, side markers and stamps sit. It finds print and markers; it misses dark or low-contrast text
-and anything in the middle of the film, and a metal clip or electrode near the edge can pass for text.
+contrast) that reach near white, grouped into compact blobs of a text line's height, in the outer quarter
+of the image where annotations, side markers and stamps sit. It finds print and markers; it misses dark or
+low-contrast text and anything in the middle of the film; bright bone edges of an overexposed film, clips
+and electrodes near the edge can pass for text.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ CENTRAL_SHARE = (0.6, 0.7)
 _TEXT_OUTER = 0.25
 _TEXT_HEIGHT = (0.008, 0.08)
 _TEXT_CONTRAST = 0.25
+_TEXT_BRIGHT = 0.85
+"""Burned-in print is near white; bone, skin folds and wires near the edge seldom are."""
 _MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -92,13 +95,17 @@ def find_text(pixels: np.ndarray) -> list[tuple[float, float, float, float]]:
     strokes = (tophat > _TEXT_CONTRAST).astype(np.uint8)
     # Letters of one word touch once widened sideways; a blob is then a word, a marker or a stamp.
     joined = cv2.dilate(strokes, np.ones((1, max(1, round(0.01 * side))), np.uint8))
-    count, _, stats, _ = cv2.connectedComponentsWithStats(joined, connectivity=8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(joined, connectivity=8)
     outer = ~central_region(grey.shape, (1 - 2 * _TEXT_OUTER, 1 - 2 * _TEXT_OUTER))
     boxes = []
-    for x, y, w, h, area in stats[1:count]:
+    for component in range(1, count):
+        x, y, w, h, area = stats[component]
         tall_enough = _TEXT_HEIGHT[0] * side <= h <= _TEXT_HEIGHT[1] * side
         compact = w <= 0.4 * width and area >= 0.2 * w * h
-        if tall_enough and compact and outer[y + h // 2, x + w // 2]:
+        if not (tall_enough and compact and outer[y + h // 2, x + w // 2]):
+            continue
+        blob = (labels[y : y + h, x : x + w] == component) & strokes[y : y + h, x : x + w].astype(bool)
+        if blob.any() and grey[y : y + h, x : x + w][blob].max() >= _TEXT_BRIGHT:
             pad = max(1, round(0.2 * h))
             x0, y0 = max(0, x - pad), max(0, y - pad)
             x1, y1 = min(width, x + w + pad), min(height, y + h + pad)

@@ -64,8 +64,8 @@ def _source_html(source: Mapping[str, Any]) -> str:
     dependence = source["label_dependence"]
     table = _table(["told from", "balanced accuracy", "chance", "images", "sources", "folds"], rows)
     note = (f"Source column: {source['column']}. Label vs source: Cramér's V {_num(dependence['cramers_v'])}, "
-            f"mutual information {_num(dependence['mutual_information_bits'])} bits. A standardised "
-            "ridge classifier in a patient-grouped stratified K-fold; sources with one patient are left out.")  # fmt: skip
+            f"mutual information {_num(dependence['mutual_information_bits'])} bits. A standardised ridge "
+            "classifier in a patient-grouped stratified K-fold; sources with one patient are left out.")  # fmt: skip
     return table + f'<p class="note">{esc(note)}</p>'
 
 
