@@ -2,7 +2,7 @@
 
 Every region is a boolean mask in the frame of the image it is asked for, so one region serves the read
 image and the model-size one alike. Covering (:func:`cover`) replaces a region's pixels in one of three
-ways, none of which leaves a new edge that a model could read instead:
+ways; a blank band has an edge of its own that a model may read, so the audit reports all three:
 
 - ``blank``: the median of the pixels around the region;
 - ``blur``: a Gaussian blur as wide as the band (what is written there becomes a smudge);

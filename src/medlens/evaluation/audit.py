@@ -59,6 +59,8 @@ MAX_FLIP_SHARE = 0.10
 MAX_MEAN_CHANGE = 0.05
 MAX_AUC_DROP = 0.05
 """Covering the border or the text moves a model too much past any of these."""
+FLIP_MIN_MOVE = 0.05
+"""A decision counts as flipped only when one of the image's probabilities moved this much."""
 MIN_MOVE_FOR_AUC = 0.01
 """An AUC drop counts only when probabilities moved this much on average: below it, the drop is the rank noise
 of near-tied scores (a model close to chance reorders its images on changes of 0.001)."""
@@ -292,14 +294,17 @@ def score_change(
     """What covering part of each image did to the scores.
 
     ``mean_abs_change``: |after - before| averaged over images and labels; ``flip_share``: the share of
-    images whose decision changed (the top class, or any label's call at its threshold);
+    images whose decision changed (the top class, or any label's call at its threshold) while a probability
+    moved by at least :data:`FLIP_MIN_MOVE`;
     ``auc_before``/``auc_after``/``auc_change`` per label (one-vs-rest for multi-class; None where
     undefined); ``max_auc_drop`` (0 when no AUC fell); ``per_image``: each image's largest change.
     """
     y, p0 = as_arrays(y_true, before, label_names)
     _, p1 = as_arrays(y_true, after, label_names)
     moved = np.abs(p1 - p0)
-    flips = (_decisions(task, p0, thresholds) != _decisions(task, p1, thresholds)).any(axis=1)
+    # A decision that changes on a move under FLIP_MIN_MOVE is a near-tie breaking, not the cover's doing.
+    changed = (_decisions(task, p0, thresholds) != _decisions(task, p1, thresholds)).any(axis=1)
+    flips = changed & (moved.max(axis=1, initial=0.0) >= FLIP_MIN_MOVE)
     names = list(label_names)
     targets = ranking_targets(y, task)
     auc0 = multilabel_metrics(targets, p0, names)["auc"]
