@@ -57,13 +57,11 @@ HIGH_DEPENDENCE = 0.5
 """Cramér's V at or above this: the label depends strongly on the source (Cohen's "large" is 0.5 at 1 df)."""
 MAX_FLIP_SHARE = 0.10
 MAX_MEAN_CHANGE = 0.05
-MAX_AUC_DROP = 0.05
-"""Covering the border or the text moves a model too much past any of these."""
+"""Covering the border or the text moves a model too much past either. AUC changes are reported, not judged:
+on a few hundred images a one-vs-rest AUC's standard error (~0.05-0.08) is as large as any limit worth
+setting, and a model close to chance reorders near-tied scores on changes of 0.001."""
 FLIP_MIN_MOVE = 0.05
 """A decision counts as flipped only when one of the image's probabilities moved this much."""
-MIN_MOVE_FOR_AUC = 0.01
-"""An AUC drop counts only when probabilities moved this much on average: below it, the drop is the rank noise
-of near-tied scores (a model close to chance reorders its images on changes of 0.001)."""
 RIDGE_ALPHA = 10.0
 """The source probe's L2 penalty on standardised features: strong, since there are often more features than images."""
 MIN_CONCENTRATION = 1.0
@@ -327,11 +325,7 @@ def score_change(
 
 def moves_too_much(change: dict[str, Any]) -> bool:
     """Whether a :func:`score_change` passes any of the limits a lung-reading model stays under."""
-    return bool(
-        (change["flip_share"] or 0) >= MAX_FLIP_SHARE
-        or (change["mean_abs_change"] or 0) >= MAX_MEAN_CHANGE
-        or (change["max_auc_drop"] >= MAX_AUC_DROP and (change["mean_abs_change"] or 0) >= MIN_MOVE_FOR_AUC)
-    )
+    return bool((change["flip_share"] or 0) >= MAX_FLIP_SHARE or (change["mean_abs_change"] or 0) >= MAX_MEAN_CHANGE)
 
 
 # ---------------------------------------------------------------------------------------------- evidence
