@@ -279,7 +279,10 @@ def _add_audit(jobs: argparse._SubParsersAction) -> None:
     audit.add_argument(
         "--lung-boxes", type=Path, metavar="CSV", help="lung-field boxes: a CSV with image,x,y,w,h in pixels"
     )
-    audit.add_argument("--cam-images", type=int, default=32, help="images whose heatmaps are measured (default 32)")
+    audit.add_argument("--cam-images", type=int, default=16, help="images whose heatmaps are measured (default 16)")
+    audit.add_argument(
+        "--cover-images", type=int, default=48, help="images whose border and text are covered (default 48)"
+    )
     audit.add_argument("--method", help="heatmap method (default: the model's first, gradcam for networks)")
     audit.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of patients")
     _device_arg(audit)
@@ -291,7 +294,8 @@ def _audit(args: argparse.Namespace) -> int:
 
     result = audit(
         args.checkpoint, args.out, args.source, args.split, masks=args.masks, lung_boxes=args.lung_boxes,
-        n_resamples=args.resamples, cam_images=args.cam_images, method=args.method, device=args.device,
+        n_resamples=args.resamples, cam_images=args.cam_images, cover_images=args.cover_images, method=args.method,
+        device=args.device,
     )  # fmt: skip
     print(f"audited {result.numbers['evaluated_on']['description']}")
     for verdict in result.numbers["verdicts"]:

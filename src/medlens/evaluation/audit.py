@@ -400,7 +400,7 @@ def verdicts(audit: dict[str, Any]) -> list[dict[str, Any]]:
         flagged = moves_too_much(worst)
         numbers = (f"covering the outer {worst['width_share']:.0%} ({worst['mode']}) flips {_pct(worst['flip_share'])} "
                    f"of decisions, moves probabilities by {_num(worst['mean_abs_change'])} on average and changes an "
-                   f"AUC by up to -{_num(worst['max_auc_drop'])}")  # fmt: skip
+                   f"AUC by up to -{_num(worst['max_auc_drop'])} ({worst['n_images']} images)")  # fmt: skip
         line = ("FLAG: the model reads the image's border: " if flagged else "ok: ") + numbers
         lines.append({"check": "border", "flagged": flagged, "line": line})
     text = audit.get("text")

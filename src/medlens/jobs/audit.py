@@ -8,8 +8,9 @@ each image once, and runs four checks (numbers from :mod:`medlens.evaluation.aud
 1. performance per source, site, view, scanner, sex and age band, with patient-bootstrap CIs;
 2. how well the source can be told from the model's embeddings and from downsampled pixels (a
    patient-grouped cross-validated linear probe), beside how much the label depends on the source;
-3. how much the scores move when the outer band of every image is covered (blanked, blurred, inpainted; two
-   widths), and separately when the burned-in text the heuristic finds is inpainted;
+3. how much the scores move when the outer band is covered (blanked at two widths; at the wider one also
+   blurred and inpainted), and separately when the burned-in text the heuristic finds is inpainted, on a
+   fixed random sample of images (``cover_images``, 48 by default: each cover costs a forward pass);
 4. the share of heatmap energy inside the lung fields (masks from a folder or a CSV of boxes, the phantoms'
    own masks) or, without masks, inside the central region, named as such.
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 AUDIT_FILE = "audit.json"
 PIXEL_SIDE = 24
 """The image-alone probe reads a 24 x 24 greyscale thumbnail (576 numbers) of each image."""
-N_GRID = 8
+N_GRID = 6
 """Images shown with their heatmaps: those whose scores moved most when the border was covered."""
 BATCH = 32
 
@@ -134,7 +135,8 @@ def audit(
     masks: str | Path | None = None,
     lung_boxes: str | Path | None = None,
     n_resamples: int = 1000,
-    cam_images: int = 32,
+    cam_images: int = 16,
+    cover_images: int = 48,
     method: str | None = None,
     device: str = "auto",
     progress: bool = True,
@@ -142,6 +144,8 @@ def audit(
     """Run every check on the images ``medlens evaluate`` would score; write audit.json and audit.html."""
     if cam_images < 0:
         raise ConfigError(f"--cam-images must be 0 or more images, not {cam_images}")
+    if cover_images < 1:
+        raise ConfigError(f"--cover-images must be 1 or more images, not {cover_images}")
     model = load_model(checkpoint, device=device)
     if method is not None and method not in model.cam_methods:
         raise ConfigError(f"unknown heatmap method {method!r} for this model; choose one of {model.cam_methods}")
@@ -168,9 +172,10 @@ def audit(
         model.task, table.labels, seen.probs, table.patient_ids, frame, n_resamples=n_resamples
     )
     numbers["source"] = _source_check(model, table, frame, seen)
-    covers, moved = _border_check(model, table, seen)
-    numbers["border"] = {"covers": covers}
-    numbers["text"] = _text_check(model, table, seen)
+    sample = _sample(len(table), cover_images)
+    covers, moved = _border_check(model, table, seen, sample)
+    numbers["border"] = {"n_images": len(sample), "covers": covers}
+    numbers["text"] = _text_check(model, table, seen, sample)
     rows = _heatmap_rows(moved, cam_images)
     method = method or model.cam_methods[0]
     evidence, grid = _evidence(model, table, seen, rows, lungs, method)
@@ -200,9 +205,9 @@ def _read_and_score(model: Model, paths: Sequence[Path], progress: bool) -> _Pas
             chunk.append(model.prepare(pixels))
             thumbnails.append(_thumbnail(pixels))
             boxes.append(regions.find_text(pixels))
-        scores = model.logits(chunk)
+        scores, vectors = model.logits_and_features(chunk)
         logits.append(scores.values)
-        features.append(model.features(chunk))
+        features.append(vectors)
         prepared.extend(chunk)
         bar.update(len(chunk))
     bar.close()
@@ -234,20 +239,32 @@ def _source_check(model: Model, table: Any, frame: pd.DataFrame, seen: _Pass) ->
     }
 
 
-def _border_check(model: Model, table: Any, seen: _Pass) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Every width and mode of covering the outer band; and how much each image moved at the widest blank."""
+def _sample(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``size`` of ``n`` rows drawn at random (a fixed seed), in order; all of them when there are fewer."""
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def _border_check(
+    model: Model, table: Any, seen: _Pass, sample: np.ndarray
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The outer band covered on the sampled images: blanked at every width, and at the widest also blurred and
+    inpainted; and how much each image moved (0 outside the sample)."""
     covers = []
     moved = np.zeros(len(table))
     shape = np.asarray(seen.prepared[0]).shape
-    for share, width in zip(regions.BORDER_SHARES, regions.border_widths(shape), strict=True):
-        for mode in regions.COVER_MODES:
-            covered = [regions.cover(p, regions.border_band(np.asarray(p).shape, _width(p, share, width, shape)), mode)
-                       for p in seen.prepared]  # fmt: skip
-            change = checks.score_change(
-                model.task, table.labels, seen.probs, _probs_of(model, covered), model.labels, model.thresholds
-            )
-            moved = np.maximum(moved, change.pop("per_image"))
-            covers.append({"width_share": share, "width_px": width, "mode": mode, **change})
+    widths = list(zip(regions.BORDER_SHARES, regions.border_widths(shape), strict=True))
+    plan = [(*widths[k], "blank") for k in range(len(widths) - 1)] + [(*widths[-1], m) for m in regions.COVER_MODES]
+    for share, width, mode in plan:
+        covered = [regions.cover(p, regions.border_band(np.asarray(p).shape, _width(p, share, width, shape)), mode)
+                   for p in (seen.prepared[i] for i in sample)]  # fmt: skip
+        change = checks.score_change(
+            model.task, table.labels[sample], seen.probs[sample], _probs_of(model, covered), model.labels,
+            model.thresholds,
+        )  # fmt: skip
+        moved[sample] = np.maximum(moved[sample], change.pop("per_image"))
+        covers.append({"width_share": share, "width_px": width, "mode": mode, **change})
     return covers, moved
 
 
@@ -257,9 +274,10 @@ def _width(image: Any, share: float, width: int, shape: tuple[int, ...]) -> int:
     return width if own[:2] == shape[:2] else regions.border_widths(own, (share,))[0]
 
 
-def _text_check(model: Model, table: Any, seen: _Pass) -> dict[str, Any]:
-    with_text = [i for i, boxes in enumerate(seen.text_boxes) if boxes]
-    found = {"n_images": len(table), "n_with_text": len(with_text), "mode": "inpaint", "change": None}
+def _text_check(model: Model, table: Any, seen: _Pass, sample: np.ndarray) -> dict[str, Any]:
+    with_text = [int(i) for i in sample if seen.text_boxes[i]]
+    found = {"n_images": len(sample), "n_with_text": len(with_text), "mode": "inpaint", "change": None,
+             "n_with_text_of_all": sum(bool(boxes) for boxes in seen.text_boxes), "n_all": len(table)}  # fmt: skip
     if not with_text:
         return found
     covered = [
