@@ -419,8 +419,8 @@ def verdicts(audit: dict[str, Any]) -> list[dict[str, Any]]:
     if evidence is not None and evidence.get("concentration") is not None:
         flagged = evidence["concentration"] < MIN_CONCENTRATION
         numbers = (f"{_pct(evidence['energy_inside'])} of the heatmap energy lies inside the {evidence['region']}, "
-                   f"which cover {_pct(evidence['area_share'])} of the image ({evidence['n_images']} images)")
-        flag = f"FLAG: no more of the evidence lies inside the {evidence['region']} than a flat map would put there: "
+                   f"which covers {_pct(evidence['area_share'])} of the image ({evidence['n_images']} images)")
+        flag = "FLAG: no more of the evidence lies there than a flat map would put there: "
         line = (flag if flagged else "ok: ") + numbers
         lines.append({"check": "evidence", "flagged": flagged, "line": line})
     return lines
