@@ -30,13 +30,12 @@ from scipy.stats.contingency import association, crosstab
 
 from medlens.evaluation.metrics import (
     DEFAULT_AGE_BANDS,
-    _group_order,
-    _group_values,
     _percentile_interval,
     as_arrays,
     auc_resamples,
     check_task,
     class_indices,
+    column_groups,
     multilabel_metrics,
     ranking_targets,
     resample_weights,
@@ -142,10 +141,8 @@ def group_performance(
     for column in columns:
         if column not in frame.columns:
             continue
-        values = _group_values(frame, column, age_bands)
         groups = {}
-        for group in _group_order(values, column, age_bands):
-            rows = (values == group).to_numpy()
+        for group, rows in column_groups(frame, column, age_bands):
             if rows.sum() < min_size:
                 groups[group] = {"n_images": int(rows.sum()), "n_patients": len(set(ids[rows])), "value": None,
                                  "ci": None, "below": False}  # fmt: skip

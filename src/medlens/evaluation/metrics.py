@@ -527,6 +527,14 @@ def _group_order(values: pd.Series, column: str, age_bands: Sequence[float]) -> 
     return sorted(present)
 
 
+def column_groups(
+    frame: pd.DataFrame, column: str, age_bands: Sequence[float] = DEFAULT_AGE_BANDS
+) -> list[tuple[str, np.ndarray]]:
+    """Each group of ``column`` (``age`` banded) in order, with the boolean mask of its rows."""
+    values = _group_values(frame, column, age_bands)
+    return [(value, (values == value).to_numpy()) for value in _group_order(values, column, age_bands)]
+
+
 def _group_summary(
     task: str, y: np.ndarray, p: np.ndarray, names: list[str], thresholds: Sequence[float | None] | None
 ) -> dict[str, Any]:
@@ -578,10 +586,8 @@ def subgroup_metrics(
     for column in columns:
         if column not in frame.columns:
             continue
-        values = _group_values(frame, column, age_bands)
         groups = {}
-        for value in _group_order(values, column, age_bands):
-            rows = (values == value).to_numpy()
+        for value, rows in column_groups(frame, column, age_bands):
             n = int(rows.sum())
             metrics = _group_summary(task, y[rows], p[rows], names, thresholds) if n >= min_size else None
             groups[value] = {"n_images": n, "metrics": metrics}
