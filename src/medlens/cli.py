@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(jobs)
     _add_train(jobs)
     _add_evaluate(jobs)
+    _add_audit(jobs)
     _add_predict(jobs)
     _add_export(jobs)
     _add_explain(jobs)
@@ -112,6 +113,11 @@ def _add_data(jobs: argparse._SubParsersAction) -> None:
     phantoms.add_argument("--task", choices=["multiclass", "multilabel"], default="multilabel")
     phantoms.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     phantoms.add_argument("--seed", type=int, default=0)
+    phantoms.add_argument(
+        "--marker",
+        action="store_true",
+        help="a set made to cheat (needs --task multiclass): each class from its own site, stamped in a corner",
+    )
     phantoms.set_defaults(handler=_data_phantoms)
 
     cache = sub.add_parser("cache", help="decode and resize every image once into a memory-mapped cache")
@@ -136,8 +142,8 @@ def _data_inspect(args: argparse.Namespace) -> int:
 def _data_phantoms(args: argparse.Namespace) -> int:
     from medlens.data.phantoms import generate_phantoms
 
-    out = generate_phantoms(args.out, n=args.n, task=args.task, size=args.size, seed=args.seed)
-    print(f"wrote {args.n} {args.task} phantoms to {out}")
+    out = generate_phantoms(args.out, n=args.n, task=args.task, size=args.size, seed=args.seed, marker=args.marker)
+    print(f"wrote {args.n} {args.task} phantoms{' stamped with their site' if args.marker else ''} to {out}")
     return 0
 
 
@@ -256,6 +262,46 @@ def _evaluate(args: argparse.Namespace) -> int:
     if result.metrics["n_left_out"]:
         print(f"{result.metrics['n_left_out']} images left out: {result.metrics['left_out_because']}")
     print(f"wrote {args.out / 'predictions.csv'} and {args.out / 'metrics.json'}")
+    print(f"report: {result.report}")
+    return 0
+
+
+def _add_audit(jobs: argparse._SubParsersAction) -> None:
+    audit = jobs.add_parser(
+        "audit", help="does the model score by recognising the source? audit.json and audit.html, a verdict per check"
+    )
+    audit.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
+    audit.add_argument(
+        "--data", dest="source", help="data SOURCE (default: what the run trained on, its test split)"
+    )
+    audit.add_argument("--out", required=True, type=Path, help="folder for audit.json and audit.html")
+    audit.add_argument("--split", help="the run's own split to use when SOURCE is its data (default test)")
+    audit.add_argument("--masks", type=Path, metavar="DIR", help="lung-field masks, DIR/<image stem>.png")
+    audit.add_argument(
+        "--lung-boxes", type=Path, metavar="CSV", help="lung-field boxes: a CSV with image,x,y,w,h in pixels"
+    )
+    audit.add_argument("--cam-images", type=int, default=16, help="images whose heatmaps are measured (default 16)")
+    audit.add_argument(
+        "--cover-images", type=int, default=48, help="images whose border and text are covered (default 48)"
+    )
+    audit.add_argument("--method", help="heatmap method (default: the model's first, gradcam for networks)")
+    audit.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of patients")
+    _device_arg(audit)
+    audit.set_defaults(handler=_audit)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from medlens.jobs.audit import audit
+
+    result = audit(
+        args.checkpoint, args.out, args.source, args.split, masks=args.masks, lung_boxes=args.lung_boxes,
+        n_resamples=args.resamples, cam_images=args.cam_images, cover_images=args.cover_images, method=args.method,
+        device=args.device,
+    )  # fmt: skip
+    print(f"audited {result.numbers['evaluated_on']['description']}")
+    for verdict in result.numbers["verdicts"]:
+        print(f"{verdict['check']:<9} {verdict['line']}")
+    print(f"wrote {result.path}")
     print(f"report: {result.report}")
     return 0
 

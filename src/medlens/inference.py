@@ -13,7 +13,8 @@ questions whatever the kind:
 Every model has ``labels``, ``task``, ``inputs`` (``chest-xray``, ``face-photo`` or ``image``: what it was
 made for, and so whether the X-ray guard applies), ``thresholds`` and ``temperature``; it reads images
 (:meth:`read`), prepares them (:meth:`prepare`, thread-safe, so decoding can overlap the model),
-scores them (:meth:`logits`, :meth:`probabilities`, :meth:`predict_paths`), names positives, draws heatmaps
+scores them (:meth:`logits`, :meth:`probabilities`, :meth:`predict_paths`), gives what its head sees
+(:meth:`logits_and_features`), names positives, draws heatmaps
 by method (:meth:`heatmaps`: CAMs for networks, occlusion for probes) and gives its model card.
 evaluate, explain, predict, study reports and serve all go through it and never ask which kind they hold.
 An image a model cannot answer for (a photo without a face) gets a NaN row and a named problem.
@@ -122,6 +123,8 @@ class Model(Protocol):
     def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> Scores: ...
 
     def probabilities(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray: ...
+
+    def logits_and_features(self, prepared: Sequence[Any]) -> tuple[Scores, np.ndarray]: ...
 
     def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
 
@@ -321,6 +324,19 @@ class NetworkModel(_Shared):
             raise out_of_memory(self.device, len(prepared), fits, f"rerun with --batch-size {fits}") from None
         return Scores(values, [None] * len(values), [{} for _ in values])
 
+    @torch.no_grad()
+    def logits_and_features(self, prepared: Sequence[np.ndarray]) -> tuple[Scores, np.ndarray]:
+        """:meth:`logits` and what the head sees (N x D float32: the pooled penultimate layer), from one forward
+        pass; a network without that split (a fold ensemble) gives its logits as its features."""
+        network = self.network
+        if not (hasattr(network, "forward_features") and hasattr(network, "forward_head")):
+            scores = self.logits(prepared)
+            return scores, scores.values
+        features = network.forward_features(self.prepared_tensor(prepared))
+        pooled = network.forward_head(features, pre_logits=True).float().cpu().numpy()
+        values = network.forward_head(features).float().cpu().numpy()
+        return Scores(values, [None] * len(values), [{} for _ in values]), pooled
+
     def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> Scores:
         """Raw logits (N x K) for image files, in batches; evaluation keeps them to report calibration at T=1."""
         paths = list(paths)
@@ -432,18 +448,22 @@ class ProbeModel(_Shared):
         """A read image as it is: the embedder finds its frame in it (a face, a backbone's view) when scoring."""
         return pixels
 
-    def logits(self, prepared: Sequence[np.ndarray]) -> Scores:
+    def logits_and_features(self, prepared: Sequence[np.ndarray]) -> tuple[Scores, np.ndarray]:
+        """:meth:`logits` and what the head sees: the embedder's vectors (N x D; NaN rows where no frame)."""
         frames, problems, details = [], [], []
         for image in prepared:
             frame, problem = self._frame(image)
             frames.append(frame)
             problems.append(problem)
             details.append(frame.details if frame is not None else dict(self.embedder.no_frame_details))
-        found = [f.image for f in frames if f is not None]
         vectors = np.full((len(prepared), self.embedder.size), np.nan, dtype=np.float32)
+        found = [i for i, frame in enumerate(frames) if frame is not None]
         if found:
-            vectors[[i for i, f in enumerate(frames) if f is not None]] = self.embedder.embed_frames(found)
-        return Scores(self._head_logits(vectors), problems, details)
+            vectors[found] = self.embedder.embed_frames([frames[i].image for i in found])
+        return Scores(self._head_logits(vectors), problems, details), vectors
+
+    def logits(self, prepared: Sequence[np.ndarray]) -> Scores:
+        return self.logits_and_features(prepared)[0]
 
     def logits_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False) -> Scores:
         """Logits of image files, embeddings read from (and added to) the run's embedding cache."""

@@ -8,10 +8,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
-from medlens.data.phantoms import FINDING_RATE, FINDINGS, NORMAL, generate_phantoms, load_phantom_masks
+from medlens.data.phantoms import (
+    FINDING_RATE,
+    FINDINGS,
+    LUNG_MASKS,
+    NORMAL,
+    SITES,
+    generate_phantoms,
+    load_phantom_masks,
+)
 from medlens.data.records import load_source, read_nih_boxes
-from medlens.errors import DataSourceError
+from medlens.errors import ConfigError, DataSourceError
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +57,7 @@ def test_an_image_does_not_depend_on_how_many_are_generated(tmp_path, multilabel
 
 def test_multilabel_layout_and_columns(multilabel):
     table = pd.read_csv(multilabel / "labels.csv", dtype={"patient_id": str})
-    assert list(table.columns) == ["path", "labels", "patient_id", "sex", "age", "view"]
+    assert list(table.columns) == ["path", "labels", "patient_id", "sex", "age", "view", "source"]
     assert len(table) == 200
     assert table["path"].str.fullmatch(r"images/ph\d{5}_\d{3}\.png").all()
     assert all((multilabel / p).is_file() for p in table["path"])
@@ -63,7 +72,7 @@ def test_multilabel_layout_and_columns(multilabel):
 
 def test_multiclass_layout_and_columns(multiclass):
     table = pd.read_csv(multiclass / "metadata.csv", dtype={"patient_id": str})
-    assert list(table.columns) == ["path", "label", "patient_id", "sex", "age", "view"]
+    assert list(table.columns) == ["path", "label", "patient_id", "sex", "age", "view", "source"]
     assert set(table["label"]) == {NORMAL, *FINDINGS}
     for path, label in zip(table["path"], table["label"], strict=True):
         assert path.split("/")[0] == label and (multiclass / path).is_file()
@@ -153,3 +162,29 @@ def test_the_images_look_like_radiographs(multilabel):
 def test_bad_arguments_name_the_value(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         generate_phantoms(tmp_path, progress=False, **kwargs)
+
+
+def test_sites_are_per_patient_and_lung_masks_cover_the_lungs(multiclass):
+    table = pd.read_csv(multiclass / "metadata.csv", dtype={"patient_id": str})
+    assert set(table["source"]) <= set(SITES)
+    assert (table.groupby("patient_id")["source"].nunique() == 1).all(), "a patient comes from one site"
+    for path in table["path"][:5]:
+        lungs = np.asarray(Image.open(multiclass / LUNG_MASKS / Path(path).name)) > 127
+        assert 0.2 < lungs.mean() < 0.6, "two lung fields: a good part of the film, far from all of it"
+        assert not lungs[:, :3].any() and not lungs[:3].any(), "the lungs stay clear of the outer band"
+
+
+def test_a_marker_set_stamps_each_class_site_in_its_corner(tmp_path, multiclass):
+    marked = generate_phantoms(tmp_path, n=60, task="multiclass", size=64, seed=0, progress=False, marker=True)
+    table = pd.read_csv(marked / "metadata.csv")
+    assert (table["source"] == "site-" + table["label"]).all(), "each class comes from a site of its own"
+    corners = {0: (slice(1, 4), slice(1, 4)), 1: (slice(1, 4), slice(60, 63)), 2: (slice(60, 63), slice(1, 4))}
+    for path, label in zip(table["path"], table["label"], strict=True):
+        pixels = np.asarray(Image.open(marked / path))
+        site = (NORMAL, *FINDINGS).index(label)
+        if site in corners:
+            assert (pixels[corners[site]] == 255).all(), (path, label)
+        plain = np.asarray(Image.open(multiclass / path))
+        assert (pixels != plain).mean() < 0.01, "only the stamp differs from the honest set's image"
+    with pytest.raises(ConfigError, match="multiclass"):
+        generate_phantoms(tmp_path / "bad", n=4, task="multilabel", size=64, progress=False, marker=True)

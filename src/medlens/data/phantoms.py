@@ -8,6 +8,13 @@ boxes, in the NIH layout. Findings keep their side: nothing is ever mirrored.
 
 Every image has its own random generator, derived from ``(seed, image index)`` (anatomy from
 ``(seed, patient index)``), so the same arguments always give byte-identical files.
+
+Each patient comes from one of a few made-up sites (the ``source`` column), drawn independently of the
+findings. With ``marker=True`` (multi-class only) the set is made to cheat, as the COVID-19 collections did
+without meaning to: each class comes from a site of its own, and that site stamps its films with a bright
+mark in a corner (a corner per site; two marks side by side for the fifth site on). A model can then score
+perfectly by reading the stamp, and ``medlens audit`` must say so. The lung fields of every image are
+written too (``masks/lungs/<stem>.png``), for the audit's "where the evidence lies".
 """
 
 from __future__ import annotations
@@ -38,6 +45,13 @@ FINDING_RATE = 0.22
 
 BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 BOX_FILE = "BBox_List_2017.csv"
+LUNG_MASKS = "masks/lungs"
+"""Where each phantom's lung-field mask is written, as ``<image stem>.png``."""
+SITES = ("site-a", "site-b", "site-c")
+"""The made-up sites of an honest phantom set; a marker set has one site per class, ``site-<class>``."""
+MARKER_SIZE = 0.05
+MARKER_OFFSET = 0.01
+"""A marker's side and its distance from the image's edges, as shares of the image side."""
 _IMAGES_PER_PATIENT = ((1, 0.78), (2, 0.16), (3, 0.06))  # 1.28 images per patient on average
 _AP_RATE = 0.3
 _PNG_LEVEL = 3
@@ -89,40 +103,68 @@ def generate_phantoms(
     size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    marker: bool = False,
 ) -> Path:
     """Write ``n`` phantom images with labels, patient metadata, masks and NIH-style boxes into ``out``.
 
     ``multilabel``: ``images/`` + ``labels.csv`` (``labels`` pipe-separated, ``No Finding`` when none).
     ``multiclass``: one folder per class (``normal`` or one finding) + ``metadata.csv``.
-    Both: ``masks/<stem>__<finding>.png`` and ``BBox_List_2017.csv``, written last (it marks completion).
+    Both: ``masks/<stem>__<finding>.png``, ``masks/lungs/<stem>.png`` and ``BBox_List_2017.csv``, written
+    last (it marks completion). ``marker``: each class's site stamps its films (see the module docstring).
     """
     if task not in TASKS:
         raise ConfigError(f"phantom task must be one of {TASKS}, not {task!r}")
+    if marker and task != "multiclass":
+        raise ConfigError("phantom markers stamp one class per site: use them with task multiclass")
     if n < 1:
         raise ConfigError(f"the number of phantoms must be at least 1 image, not {n!r}")
     if size < 64:
         raise ConfigError(f"the phantom size must be at least 64 pixels, not {size!r}")
     out = Path(out)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / LUNG_MASKS).mkdir(parents=True, exist_ok=True)
     rows, boxes = [], []
-    for shot in tqdm(_plan(n, task, seed), desc="phantoms", unit="img", disable=not progress):
-        pixels, masks = _render(shot, seed, size)
+    shots = _plan(n, task, seed)
+    sites = _sites(shots, seed)
+    for shot, site in tqdm(zip(shots, sites, strict=True), desc="phantoms", unit="img", disable=not progress, total=n):
+        pixels, masks, lungs = _render(shot, seed, size)
         folder = "images" if task == "multilabel" else (shot.findings[0] if shot.findings else NORMAL)
+        if marker:
+            site = f"site-{folder}"
+            _stamp(pixels, (NORMAL, *FINDINGS).index(folder))
         (out / folder).mkdir(exist_ok=True)
         write_atomic(out / folder / shot.name, _png(pixels))
+        write_atomic(out / LUNG_MASKS / shot.name, _png(lungs.astype(np.uint8) * 255))
         for finding, mask in masks.items():
             write_atomic(out / "masks" / f"{Path(shot.name).stem}__{finding}.png", _png(mask.astype(np.uint8) * 255))
             boxes.append((shot.name, finding, *_bounding_box(mask)))
         labels = ("|".join(shot.findings) or NO_FINDING) if task == "multilabel" else folder
-        rows.append((f"{folder}/{shot.name}", labels, f"P{shot.patient:05d}", shot.sex, shot.age, shot.view))
+        rows.append((f"{folder}/{shot.name}", labels, f"P{shot.patient:05d}", shot.sex, shot.age, shot.view, site))
     label_column = "labels" if task == "multilabel" else "label"
-    table = pd.DataFrame(rows, columns=["path", label_column, "patient_id", "sex", "age", "view"])
+    table = pd.DataFrame(rows, columns=["path", label_column, "patient_id", "sex", "age", "view", "source"])
     csv_name = "labels.csv" if task == "multilabel" else "metadata.csv"
     write_atomic(out / csv_name, table.to_csv(index=False, lineterminator="\n"))
     box_lines = [BOX_HEADER] + [f"{name},{finding},{x!r},{y!r},{w!r},{h!r}" for name, finding, x, y, w, h in boxes]
     write_atomic(out / BOX_FILE, "\n".join(box_lines) + "\n")
     log.info("wrote %d %s phantoms (%d boxes) to %s", n, task, len(boxes), out)
     return out
+
+
+def _sites(shots: list[_Shot], seed: int) -> list[str]:
+    """The site of each image: one per patient, drawn on a generator of its own (the images stay as they were)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3,)))
+    of_patient = rng.choice(SITES, size=shots[-1].patient + 1)
+    return [str(of_patient[shot.patient]) for shot in shots]
+
+
+def _stamp(pixels: np.ndarray, site: int) -> None:
+    """Burn site ``site``'s marker into a corner of ``pixels`` (uint8, in place): a white square in corner
+    ``site % 4``, two side by side from the fifth site on."""
+    size = pixels.shape[0]
+    side, offset = max(2, round(MARKER_SIZE * size)), max(1, round(MARKER_OFFSET * size))
+    top = offset if site % 4 < 2 else size - offset - side
+    for k in range(1 + site // 4):
+        left = offset + k * (side + offset) if site % 2 == 0 else size - offset - side - k * (side + offset)
+        pixels[top : top + side, left : left + side] = 255
 
 
 def ensure_phantoms(out: Path, n: int, task: Task, size: int, seed: int) -> Path:
@@ -248,8 +290,8 @@ class _Canvas:
         return np.clip(cv2.resize(coarse, (self.size, self.size), interpolation=cv2.INTER_CUBIC), 0, 1)
 
 
-def _render(shot: _Shot, seed: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Draw one image (uint8) and the bool mask of each of its findings.
+def _render(shot: _Shot, seed: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Draw one image (uint8), the bool mask of each of its findings and that of its lung fields.
 
     The body comes from the patient's generator, so follow-ups share their anatomy; findings, positioning
     and film from the image's own.
@@ -266,7 +308,8 @@ def _render(shot: _Shot, seed: int, size: int) -> tuple[np.ndarray, dict[str, np
         if finding != "cardiomegaly":
             side = int(rng.integers(2))
             masks[finding] = _FINDING_DRAWERS[finding](canvas, anatomy, lungs[side], free_lungs[side], side, rng)
-    return _film(canvas, anatomy, canvas.film(), masks, rng)
+    pixels, moved = _film(canvas, anatomy, canvas.film(), {**masks, "lungs": lungs[0] | lungs[1]}, rng)
+    return pixels, {finding: mask for finding, mask in moved.items() if finding != "lungs"}, moved["lungs"]
 
 
 def _lung_outline(anatomy: _Anatomy, side: int) -> np.ndarray:

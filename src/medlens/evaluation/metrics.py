@@ -371,6 +371,17 @@ def auc_ci(
     ``y_true`` is a 0/1/NaN matrix (for multi-class pass one-vs-rest columns, NaN rows unknown); each
     column uses its known rows. None for a column whose AUC is undefined or too rarely defined.
     """
+    values, defined = auc_resamples(y_true, y_prob, patient_ids, n_resamples, seed)
+    return [
+        _percentile_interval(v, alpha, min_defined) if d else None for v, d in zip(values, defined, strict=True)
+    ]
+
+
+def auc_resamples(
+    y_true: Any, y_prob: Any, patient_ids: Any, n_resamples: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, list[bool]]:
+    """The per-column AUC of every patient resample (K x resamples, NaN where undefined) behind :func:`auc_ci`,
+    and whether each column's AUC is defined at all; a macro AUC's interval averages these columns."""
     y, p = as_arrays(y_true, y_prob)
     columns = []
     for j in range(y.shape[1]):
@@ -391,10 +402,7 @@ def auc_ci(
                     block[:, rows].astype(np.float64), positive, tie_starts
                 )
         done += len(block)
-    return [
-        _percentile_interval(v, alpha, min_defined) if c else None
-        for v, c in zip(values, columns, strict=True)
-    ]
+    return values, [c is not None for c in columns]
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -547,6 +555,14 @@ def _group_order(values: pd.Series, column: str, age_bands: Sequence[float]) -> 
     return sorted(present)
 
 
+def column_groups(
+    frame: pd.DataFrame, column: str, age_bands: Sequence[float] = DEFAULT_AGE_BANDS
+) -> list[tuple[str, np.ndarray]]:
+    """Each group of ``column`` (``age`` banded) in order, with the boolean mask of its rows."""
+    values = _group_values(frame, column, age_bands)
+    return [(value, (values == value).to_numpy()) for value in _group_order(values, column, age_bands)]
+
+
 def _group_summary(
     task: str, y: np.ndarray, p: np.ndarray, names: list[str], thresholds: Sequence[float | None] | None
 ) -> dict[str, Any]:
@@ -598,10 +614,8 @@ def subgroup_metrics(
     for column in columns:
         if column not in frame.columns:
             continue
-        values = _group_values(frame, column, age_bands)
         groups = {}
-        for value in _group_order(values, column, age_bands):
-            rows = (values == value).to_numpy()
+        for value, rows in column_groups(frame, column, age_bands):
             n = int(rows.sum())
             metrics = _group_summary(task, y[rows], p[rows], names, thresholds) if n >= min_size else None
             groups[value] = {"n_images": n, "metrics": metrics}

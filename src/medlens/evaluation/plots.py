@@ -334,3 +334,31 @@ def plot_search(
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _finish(fig, out)
+
+
+def plot_groups(groups: Mapping[str, Any], out: str | Path | None = None) -> bytes:
+    """One bar per group of each column (``evaluation.audit.group_performance``) with its CI, over the pooled
+    value and its band; groups whose interval lies wholly below the pooled one are drawn red."""
+    plt = _pyplot()
+    bars = [(f"{column}: {name}", g) for column, found in groups["columns"].items() for name, g in found.items()]
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * max(len(bars), 1)))
+    pooled = groups["pooled"]
+    if pooled["ci"]:
+        ax.axvspan(*pooled["ci"], color="0.85", label=f"pooled {_fmt(pooled['value'])} and its CI")
+    if pooled["value"] is not None:
+        ax.axvline(pooled["value"], color="0.4", linewidth=1)
+    for k, (_, g) in enumerate(bars):
+        if g["value"] is None:
+            ax.text(0.01, k, "too few images", va="center", fontsize=8, color="0.5")
+            continue
+        colour = WRONG_COLOUR if g["below"] else "#0b57d0"
+        error = None
+        if g["ci"]:
+            error = [[g["value"] - g["ci"][0]], [g["ci"][1] - g["value"]]]
+        ax.barh(k, g["value"], color=colour, alpha=0.75, xerr=error, capsize=3)
+    ax.set_yticks(range(len(bars)), [f"{name} (n={g['n_images']})" for name, g in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1.02), xlabel=groups["metric"].replace("_", " "))
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _finish(fig, out)

@@ -136,6 +136,7 @@ def evaluate(
     device: str = "auto",
 ) -> Evaluation:
     """Predict, then write predictions.csv, metrics.json and report.html in ``out``."""
+    from medlens.evaluation.audit import source_performance
     from medlens.evaluation.metrics import evaluate_predictions, reliability_curve, to_jsonable
     from medlens.jobs.baseline import pixel_baseline
 
@@ -164,6 +165,7 @@ def evaluate(
     raw = reliability_curve(table.labels, predictor.probabilities(logits, 1.0), task)
     metrics["calibration"] = to_jsonable({"temperature": temperature, "ece_t1": raw.ece, "ece": metrics["ece"]})
     metrics["evaluated_on"] = {**data.describe(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    metrics["shortcuts"] = source_performance(task, table.labels, probs, table.patient_ids, frame, n_resamples)
     metrics["n_left_out"] = int((~answered).sum())
     metrics["left_out_because"] = _reasons(scores) if metrics["n_left_out"] else None
     metrics["baseline"] = pixel_baseline(predictor.path, predictor.manifest, table, metrics)
@@ -193,8 +195,10 @@ def _write_report(
     reliability: dict[str, Any],
     n_resamples: int,
 ) -> Path:
+    from medlens.evaluation.audit import verdicts
     from medlens.evaluation.curves import pr_curves, roc_curves
     from medlens.evaluation.plots import plot_samples
+    from medlens.reports.audit import evaluation_section
     from medlens.reports.evaluation import ReportInputs, write_report
 
     table, task, labels = data.table, predictor.task, predictor.labels
@@ -202,6 +206,7 @@ def _write_report(
     rows = choose_samples(usable, right)
     images = [predictor.prepare(predictor.read(table.paths[i])) for i in rows]
     captions = [_caption(labels, table.labels[i], probs[i], calls[i]) for i in rows]
+    shortcuts = metrics.get("shortcuts")
     history_file = predictor.path.parent / HISTORY_FILE if predictor.path is not None else None
     inputs = ReportInputs(
         manifest=predictor.manifest,
@@ -210,6 +215,7 @@ def _write_report(
         reliability=reliability,
         samples_png=plot_samples(images, captions, right[rows].tolist()) if rows else None,
         history=pd.read_csv(history_file) if history_file is not None and history_file.exists() else None,
+        sections=[evaluation_section(shortcuts, verdicts({"groups": shortcuts})[0]["line"] if shortcuts else None)],
     )
     return write_report(out, metrics, inputs)
 

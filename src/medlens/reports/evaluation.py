@@ -84,6 +84,8 @@ class ReportInputs:
     reliability: Mapping[str, ReliabilityCurve] = field(default_factory=dict)
     samples_png: bytes | None = None
     history: pd.DataFrame | None = None
+    sections: Sequence[tuple[str, str, str]] = ()
+    """(anchor, title, body HTML) of sections another job adds (evaluate: the per-source shortcut check)."""
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -430,6 +432,7 @@ def render_report(metrics: Mapping[str, Any], inputs: ReportInputs) -> str:
         _curves(metrics, inputs),
         _calibration(metrics, inputs),
         _subgroups(metrics),
+        *(_Section(*section) for section in inputs.sections),
     ]
     if inputs.samples_png is not None:
         caption = "Sample images as the model saw them: true vs predicted labels (green right, red wrong)."
