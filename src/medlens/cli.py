@@ -233,20 +233,25 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return [*args.overrides, f"data.source={json.dumps(args.data)}"] if args.data else args.overrides
 
 
-def _add_evaluate(jobs: argparse._SubParsersAction) -> None:
-    evaluate = jobs.add_parser(
-        "evaluate", help="metrics with CIs and the HTML report: predictions.csv, metrics.json, report.html"
-    )
-    evaluate.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
-    evaluate.add_argument(
+def _scored_images_args(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """What evaluate and audit share: the run, the images it is scored on, the output folder, the bootstrap."""
+    parser.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
+    parser.add_argument(
         "--data",
         dest="source",
         help="data SOURCE (default: what the run trained on); another source is scored whole, "
         "the run's own data only on its test split",
     )
-    evaluate.add_argument("--out", required=True, type=Path, help="folder for predictions, metrics and report")
-    evaluate.add_argument("--split", help="the run's own split to use when SOURCE is its data (default test)")
-    evaluate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of patients")
+    parser.add_argument("--out", required=True, type=Path, help=out_help)
+    parser.add_argument("--split", help="the run's own split to use when SOURCE is its data (default test)")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of patients")
+
+
+def _add_evaluate(jobs: argparse._SubParsersAction) -> None:
+    evaluate = jobs.add_parser(
+        "evaluate", help="metrics with CIs and the HTML report: predictions.csv, metrics.json, report.html"
+    )
+    _scored_images_args(evaluate, "folder for predictions, metrics and report")
     _device_arg(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
@@ -270,12 +275,7 @@ def _add_audit(jobs: argparse._SubParsersAction) -> None:
     audit = jobs.add_parser(
         "audit", help="does the model score by recognising the source? audit.json and audit.html, a verdict per check"
     )
-    audit.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
-    audit.add_argument(
-        "--data", dest="source", help="data SOURCE (default: what the run trained on, its test split)"
-    )
-    audit.add_argument("--out", required=True, type=Path, help="folder for audit.json and audit.html")
-    audit.add_argument("--split", help="the run's own split to use when SOURCE is its data (default test)")
+    _scored_images_args(audit, "folder for audit.json and audit.html")
     audit.add_argument("--masks", type=Path, metavar="DIR", help="lung-field masks, DIR/<image stem>.png")
     audit.add_argument(
         "--lung-boxes", type=Path, metavar="CSV", help="lung-field boxes: a CSV with image,x,y,w,h in pixels"
@@ -285,7 +285,6 @@ def _add_audit(jobs: argparse._SubParsersAction) -> None:
         "--cover-images", type=int, default=48, help="images whose border and text are covered (default 48)"
     )
     audit.add_argument("--method", help="heatmap method (default: the model's first, gradcam for networks)")
-    audit.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of patients")
     _device_arg(audit)
     audit.set_defaults(handler=_audit)
 
