@@ -349,6 +349,12 @@ def _num(value: float | None) -> str:
     return "undefined" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
+def _cover_verdict(check: str, change: dict[str, Any], finding: str, numbers: str) -> dict[str, Any]:
+    """The line of a covering check: flagged when covering moved the model too much."""
+    flagged = moves_too_much(change)
+    return {"check": check, "flagged": flagged, "line": (f"FLAG: {finding}: " if flagged else "ok: ") + numbers}
+
+
 def verdicts(audit: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per check, ``{"check", "flagged", "line"}``, from the numbers in ``audit`` (audit.json)."""
     lines = []
@@ -394,24 +400,21 @@ def verdicts(audit: dict[str, Any]) -> list[dict[str, Any]]:
     border = audit.get("border")
     if border:
         worst = max(border["covers"], key=lambda c: (moves_too_much(c), c["flip_share"], c["mean_abs_change"]))
-        flagged = moves_too_much(worst)
         numbers = (f"covering the outer {worst['width_share']:.0%} ({worst['mode']}) flips {_pct(worst['flip_share'])} "
                    f"of decisions, moves probabilities by {_num(worst['mean_abs_change'])} on average and changes an "
                    f"AUC by up to -{_num(worst['max_auc_drop'])} ({worst['n_images']} images)")  # fmt: skip
-        line = ("FLAG: the model reads the image's border: " if flagged else "ok: ") + numbers
-        lines.append({"check": "border", "flagged": flagged, "line": line})
+        lines.append(_cover_verdict("border", worst, "the model reads the image's border", numbers))
     text = audit.get("text")
     if text is not None:
         if not text["n_with_text"]:
-            line, flagged = "no burned-in text or marker found: not checked", False
+            line = "no burned-in text or marker found: not checked"
+            lines.append({"check": "text", "flagged": False, "line": line})
         else:
             change = text["change"]
-            flagged = moves_too_much(change)
             numbers = (f"covering the text found on {text['n_with_text']} of {text['n_images']} images flips "
                        f"{_pct(change['flip_share'])} of their decisions and moves probabilities by "
                        f"{_num(change['mean_abs_change'])} on average")  # fmt: skip
-            line = ("FLAG: the model reads burned-in text or markers: " if flagged else "ok: ") + numbers
-        lines.append({"check": "text", "flagged": flagged, "line": line})
+            lines.append(_cover_verdict("text", change, "the model reads burned-in text or markers", numbers))
     evidence = audit.get("evidence")
     if evidence is not None and evidence.get("concentration") is not None:
         flagged = evidence["concentration"] < MIN_CONCENTRATION
