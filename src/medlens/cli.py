@@ -13,11 +13,14 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medlens import __version__
 from medlens.cli_examples import add_examples
 from medlens.errors import MedlensError
+
+if TYPE_CHECKING:
+    from medlens.config import Config
 
 log = logging.getLogger("medlens")
 
@@ -196,11 +199,21 @@ def _add_train(jobs: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_train)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _checked_config(args: argparse.Namespace) -> Config:
+    """A training job's config, with the mistakes that need no model stack answered before torch is imported
+    (a second, where the import alone takes several): keys and values, then the model name and weights."""
     from medlens.config import load_config
     from medlens.configs import find_config
+    from medlens.models.registry import check_model
 
-    config = load_config(find_config(args.config), _with_device(args))  # before torch: a bad key answers at once
+    config = load_config(find_config(args.config), _with_device(args))
+    if config.model.strategy != "probe":
+        check_model(config.model.name, config.model.pretrained)
+    return config
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _checked_config(args)
     from medlens.jobs.train import train
 
     if args.folds:
@@ -443,11 +456,9 @@ def _add_tune(jobs: argparse._SubParsersAction) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from medlens.config import load_config
-    from medlens.configs import find_config
+    config = _checked_config(args)
     from medlens.jobs.tune import BEST_CONFIG_FILE, SearchSpace, tune
 
-    config = load_config(find_config(args.config), _with_device(args))
     space = SearchSpace(image_sizes=tuple(args.image_sizes))
     study = tune(config, args.out, args.trials, args.folds, timeout=args.timeout, space=space)
     best = study.best_trial

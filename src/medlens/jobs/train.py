@@ -87,7 +87,7 @@ def check_config(config: Config) -> str:
     Returns how the weights want images resized (``squash``, or ``centre-crop`` for torchxrayvision's), which
     the preprocessing cache then does.
     """
-    from medlens.models.weights import hub_reachable, is_weights_file
+    from medlens.models.sources import hub_reachable, is_weights_file
 
     if config.model.strategy == "probe":
         from medlens.training.probe import check_probe

@@ -27,11 +27,11 @@ from medlens.errors import CheckpointError, ConfigError
 from medlens.models.features import derive_cam_layer, prefix_tokens, token_grid
 from medlens.models.preprocessing import Preprocessing, from_pretrained_cfg, sidecar_path
 from medlens.models.registry import BackboneSpec, get_backbone_spec
+from medlens.models.sources import is_weights_file
 from medlens.models.weights import (
     LocalWeights,
     create_from_hub,
     hub_weights_info,
-    is_weights_file,
     load_state,
     read_local_weights,
 )

@@ -18,11 +18,22 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.metadata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from medlens.errors import ConfigError
+from medlens.errors import ConfigError, WeightsUnavailableError
+from medlens.models.sources import (
+    LOCAL_FILE_HINT,
+    hub_model_name,
+    hub_reachable,
+    in_hub_cache,
+    is_weights_file,
+    is_xrv,
+    use_hub_offline,
+)
 
 LAYOUTS = ("nchw", "nhwc", "tokens")
 """How a CAM layer lays out its output: ``(B, C, H, W)``, ``(B, H, W, C)`` (Swin, MambaOut), or
@@ -101,18 +112,111 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         raise ConfigError(
             f"model name {name!r} carries a weights tag: set model.name: {arch} and model.pretrained: timm/{name}"
         )
-    close = difflib.get_close_matches(name, [*_REGISTRY, *_timm_names()], n=5, cutoff=0.6)
+    close = difflib.get_close_matches(name, sorted({*_REGISTRY, *_timm_names()}), n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ConfigError(
         f"unknown model name {name!r}; {hint}medlens names {', '.join(list_models())}, and {ANY_TIMM_NAME}"
     )
 
 
-@functools.cache
-def _timm_names() -> frozenset[str]:
-    import timm
+def check_model(model_name: str, pretrained: object) -> None:
+    """Raise at once for a model name neither medlens nor timm knows, a local weights file that is missing,
+    or hub weights out of reach (offline, and not in the hub's local cache); return when they may load."""
+    timm_name = get_backbone_spec(model_name).timm_name
+    if pretrained is False or pretrained is None or is_xrv(pretrained):
+        return
+    if is_weights_file(pretrained):
+        if not Path(pretrained).expanduser().is_file():
+            raise WeightsUnavailableError(f"pretrained weights file {str(pretrained)!r} not found")
+        return
+    hub_name = None if pretrained is True else str(pretrained)
+    model, overlay = hub_model_name(timm_name, hub_name)
+    repo = overlay["hf_hub_id"] if overlay else hub_repo(model)
+    if repo is None or hub_reachable():
+        return
+    use_hub_offline()
+    if not in_hub_cache(repo):
+        source = hub_name or f"timm's default weights for {timm_name} ({repo})"
+        raise WeightsUnavailableError(
+            f"cannot fetch {source}: the Hugging Face hub is unreachable and its local cache does not hold it. "
+            f"Download the weights where there is a network and pass the local file instead: {LOCAL_FILE_HINT}"
+        )
 
-    return frozenset(timm.list_models())
+
+def _timm_names() -> frozenset[str]:
+    return frozenset(_timm_index())
+
+
+def hub_repo(model: str) -> str | None:
+    """The hub repo of timm's weights ``arch`` (its default tag) or ``arch.tag``; ``None`` where timm names no
+    such weights on the hub (none at all, or a plain URL): then only loading them can tell."""
+    arch, _, tag = model.partition(".")
+    tags = _timm_index().get(arch, {})
+    tag = tag or next(iter(tags), "")
+    return tags.get(tag) if tag else None
+
+
+TIMM_INDEX = Path(__file__).with_name("timm_index.txt")
+"""Every ``timm.list_models()`` name with its pretrained tags (the default first) and each tag's hub repo,
+written for the timm version on its first line by ``scripts/timm_index.py``. With that version installed,
+model names are checked, and hub weights looked for in the cache, without importing timm and torch (seconds
+on a laptop); with another, timm itself is asked. ``tests/models/test_timm_index.py`` keeps it true."""
+
+
+@functools.cache
+def _timm_index() -> dict[str, dict[str, str | None]]:
+    """arch -> {tag: hub repo or None}, default tag first: from :data:`TIMM_INDEX` if it fits, else timm."""
+    shipped = read_timm_index(TIMM_INDEX)
+    return shipped if shipped is not None else build_timm_index()
+
+
+def build_timm_index() -> dict[str, dict[str, str | None]]:
+    """What the installed timm says: each model name, its pretrained tags (default first), each tag's repo."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    index: dict[str, dict[str, str | None]] = {name: {} for name in timm.list_models()}
+    for name in timm.list_models(pretrained=True):
+        arch, _, tag = name.partition(".")
+        index[arch][tag] = get_pretrained_cfg(name).hf_hub_id or None
+    for arch, tags in index.items():
+        default = get_pretrained_cfg(arch).tag if tags else None
+        if default in tags:
+            index[arch] = {default: tags[default]} | tags
+    return index
+
+
+def read_timm_index(path: Path) -> dict[str, dict[str, str | None]] | None:
+    """The index in ``path``, or ``None`` when it is missing or was written for another timm than installed.
+
+    A line is ``arch<TAB>tag tag=org/repo tag=``: a bare tag's repo is ``timm/arch.tag``, ``tag=`` has none."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        installed = importlib.metadata.version("timm")
+    except (OSError, importlib.metadata.PackageNotFoundError):
+        return None
+    if not lines or lines[0] != f"{INDEX_HEADER} {installed}":
+        return None
+    index: dict[str, dict[str, str | None]] = {}
+    for line in lines[1:]:
+        arch, _, tags = line.partition("\t")
+        index[arch] = {}
+        for item in tags.split():
+            tag, marked, repo = item.partition("=")
+            index[arch][tag] = (repo or None) if marked else f"timm/{arch}.{tag}"
+    return index
+
+
+def format_timm_index(index: dict[str, dict[str, str | None]], version: str) -> str:
+    """:func:`read_timm_index`'s text for ``index``, as written for timm ``version``."""
+    lines = [f"{INDEX_HEADER} {version}"]
+    for arch in sorted(index):
+        items = [tag if repo == f"timm/{arch}.{tag}" else f"{tag}={repo or ''}" for tag, repo in index[arch].items()]
+        lines.append(f"{arch}\t{' '.join(items)}")
+    return "\n".join(lines) + "\n"
+
+
+INDEX_HEADER = "# timm"
 
 
 for _spec in (

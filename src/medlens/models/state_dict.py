@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from medlens.errors import CheckpointError, ConfigError
-
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+from medlens.models.sources import WEIGHT_SUFFIXES
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

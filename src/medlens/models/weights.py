@@ -17,11 +17,6 @@ client to offline mode (a copy already in the hub cache still loads) and otherwi
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
-import urllib.parse
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,25 +26,29 @@ import timm
 import torch
 from torch import nn
 
-from medlens.errors import CheckpointError, ConfigError, WeightsUnavailableError
+from medlens.errors import CheckpointError, WeightsUnavailableError
 from medlens.io import file_sha256
 from medlens.models.preprocessing import read_sidecar, sidecar_path
-from medlens.models.state_dict import WEIGHT_SUFFIXES, read_state_dict
+from medlens.models.sources import (
+    LOCAL_FILE_HINT,
+    XRV_PREFIX,
+    hub_model_name,
+    hub_reachable,
+    is_xrv,
+    use_hub_offline,
+)
+from medlens.models.state_dict import read_state_dict
 from medlens.models.xrv import (
     XRV_INPUT_SCALING,
-    XRV_PREFIX,
     XRV_RESIZE,
     find_xrv_weights,
     input_size_for,
-    is_xrv,
     read_xrv_state,
 )
 
 log = logging.getLogger(__name__)
 
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
-LOCAL_FILE_HINT = "model.pretrained: /path/to/weights.safetensors"
-HUB_PROBE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,15 +62,6 @@ class LocalWeights:
     implied: dict[str, Any] = field(default_factory=dict)
     """Preprocessing the format implies (torchxrayvision's), keys as in a sidecar."""
     sidecar: dict[str, Any] | None = None
-
-
-def is_weights_file(pretrained: object) -> bool:
-    """Whether a ``pretrained`` setting names a local file (or ``xrv:...``) rather than ``True`` or a hub name."""
-    if isinstance(pretrained, Path):
-        return True
-    if not isinstance(pretrained, str):
-        return False
-    return is_xrv(pretrained) or pretrained.lower().endswith(WEIGHT_SUFFIXES) or Path(pretrained).expanduser().is_file()
 
 
 def backbone_state(state: dict[str, torch.Tensor], classifier: str) -> dict[str, torch.Tensor]:
@@ -180,10 +170,10 @@ def create_from_hub(timm_name: str, hub_name: str | None, **timm_kwargs: Any) ->
     """``timm.create_model`` with hub weights: timm's default for ``timm_name`` or the repo ``hub_name``."""
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
-    model_name, overlay = _hub_model_name(timm_name, hub_name)
+    model_name, overlay = hub_model_name(timm_name, hub_name)
     source = hub_name or f"timm's default weights for {timm_name}"
     if not hub_reachable():
-        _use_hub_offline()
+        use_hub_offline()
     try:
         return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
     except (EntryNotFoundError, HfHubHTTPError, ConnectionError) as exc:  # offline mode is a ConnectionError
@@ -192,56 +182,3 @@ def create_from_hub(timm_name: str, hub_name: str | None, **timm_kwargs: Any) ->
             f"cannot fetch {source} from the Hugging Face hub ({reason}). Download the weights where there "
             f"is a network and pass the local file instead: {LOCAL_FILE_HINT}"
         ) from None
-
-
-def _hub_model_name(timm_name: str, hub_name: str | None) -> tuple[str, dict[str, str] | None]:
-    """timm's ``arch.tag`` for ``timm/arch.tag`` (so its own normalisation applies), else a repo overlay."""
-    if hub_name is None:
-        return timm_name, None
-    repo = hub_name.removeprefix("hf-hub:")
-    if repo.count("/") != 1:
-        raise ConfigError(
-            f"pretrained {hub_name!r} is neither a local weights file ({', '.join(WEIGHT_SUFFIXES)}) "
-            f"nor a hub name like 'timm/{timm_name}.<tag>'"
-        )
-    org, model = repo.split("/")
-    if org != "timm":
-        return timm_name, {"hf_hub_id": repo}
-    if model.split(".")[0] != timm_name:
-        raise ConfigError(f"pretrained {hub_name!r} holds weights for {model.split('.')[0]}, not {timm_name}")
-    return model, None
-
-
-def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
-    """False when offline mode is on or a TCP connection to the hub (or the https proxy) fails in time."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
-        return False
-    proxy = urllib.request.getproxies().get("https")
-    url = urllib.parse.urlsplit(proxy or constants.ENDPOINT)
-    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
-    connected: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection(address, timeout=timeout).close()
-            connected.append(True)
-        except OSError:
-            pass
-
-    # A thread, because name resolution ignores the socket timeout and can hang far longer.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(connected)
-
-
-def _use_hub_offline() -> None:
-    """Stop the hub client from retrying a network that is not there (for this process and its children)."""
-    from huggingface_hub import constants
-
-    if not constants.HF_HUB_OFFLINE:
-        log.warning("the Hugging Face hub is unreachable: switching it to offline mode for this process")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True

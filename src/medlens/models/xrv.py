@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from medlens.errors import CheckpointError, ConfigError, WeightsUnavailableError
+from medlens.models.sources import XRV_PREFIX
 from medlens.models.state_dict import read_state_dict, tensors_only
 
-XRV_PREFIX = "xrv:"
 XRV_RELEASES = "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
 XRV_INPUT_SCALING = "[-1024, 1024]"
 XRV_RESIZE = "centre-crop"
@@ -77,10 +77,6 @@ XRV_WEIGHTS: dict[str, XrvWeights] = {
 """torchxrayvision's ``model_urls`` names, with the file names it downloads them as."""
 DROPPED_KEYS = ("op_threshs",)
 """torchxrayvision's operating-point buffer: it belongs to its classifier, which is dropped too."""
-
-
-def is_xrv(pretrained: object) -> bool:
-    return isinstance(pretrained, str) and pretrained.startswith(XRV_PREFIX)
 
 
 def xrv_folder() -> Path:
