@@ -6,18 +6,19 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from medlens.data.readers import load_image
-from medlens.ood import CHECKS, FLAG_AT, assess_upload, assess_xray, colour_sample
+from medlens.ood import CHECKS, FLAG_AT, assess_upload, assess_xray, thinned
 
 SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def _flagged(data: bytes) -> bool:
-    return assess_upload(load_image(data), data).flag
+    return assess_upload(load_image(data)).flag
 
 
 def _grey_jpeg(path: Path) -> bytes:
@@ -96,18 +97,31 @@ def test_every_flag_names_the_checks_that_fired():
         assert result.reasons == [CHECKS[n].reason.format(value=result.measures[n]) for n in fired]
 
 
-def test_colour_sample_only_for_colour_files():
+def test_a_grey_read_keeps_a_small_colour_copy_of_colour_files():
     def png(array: np.ndarray) -> bytes:
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    assert colour_sample(png(np.zeros((40, 40), np.uint8))) is None
-    assert colour_sample(b"DICM, or anything else") is None
-    sample = colour_sample(png(np.full((400, 300, 3), (200, 30, 30), np.uint8)))
-    assert sample is not None and max(sample.shape[:2]) == 128 and sample.dtype == np.float32
-    result = assess_xray(np.full((400, 300), 0.4, np.float32), sample)
-    assert result.checks["colour"] == 1.0 and result.measures["colour"] == 1.0
+    assert load_image(png(np.zeros((40, 40), np.uint8))).colour is None
+    red = png(np.full((4000, 300, 3), (200, 30, 30), np.uint8))
+    assert load_image(red, channels=3).colour is None  # the pixels keep their colour themselves
+    loaded = load_image(red)
+    assert loaded.pixels.ndim == 2 and loaded.colour is not None
+    assert 128**2 <= loaded.colour.shape[0] * loaded.colour.shape[1] <= 2 * 128**2 and loaded.colour.dtype == np.float32
+    assert np.allclose(loaded.colour, (200 / 255, 30 / 255, 30 / 255), atol=1e-6)
+    result = assess_upload(loaded)
+    assert result.checks["colour"] == 1.0 and result.measures["colour"] == 1.0 and result.measures["shape"] > 13
+
+
+def test_a_large_film_is_thinned_and_scores_as_its_downsized_copy():
+    rows, cols = np.mgrid[0:4096, 0:3072].astype(np.float32)
+    film = 0.5 + 0.3 * np.sin(cols / 300) * np.cos(rows / 450) + 0.05 * np.sin(cols / 37 + rows / 53)
+    assert thinned(film).shape == (683, 512) and thinned(film[:1023]).shape == (1023, 3072)
+    large, downsized = assess_xray(film), assess_xray(cv2.resize(film, (1024, 1365), interpolation=cv2.INTER_AREA))
+    assert large.measures["shape"] == 4096 / 3072  # of the film, not of its thinned copy
+    for name in ("tones", "texture", "layout", "midline", "structure"):
+        assert abs(large.measures[name] - downsized.measures[name]) <= 0.02 + 0.02 * abs(downsized.measures[name])
 
 
 @pytest.mark.shared

@@ -217,7 +217,7 @@ def study_of(
     """
     loaded = load_image(data, channels=model.channels, max_pixels=max_pixels, name=name)  # type: ignore[arg-type]
     guarded = model.inputs == "chest-xray" if xray_guard is None else xray_guard
-    ood = assess_upload(loaded, data) if guarded else None
+    ood = assess_upload(loaded) if guarded else None
     backdrop = _display_copy(loaded.pixels)
     prepared = model.prepare(loaded.pixels)
     scores = model.logits([prepared])

@@ -203,7 +203,7 @@ class ServedModel:
         # The forward pass starts now; the X-ray guard, a millisecond on a 128 px copy, runs beside it here.
         submitted = time.perf_counter()
         forward = self._workers.submit(_timed, m.logits, [prepared])
-        ood = self._check(loaded, data)
+        ood = self._check(loaded)
         clock.lap("ood")
         scores, started, seconds = self._workers.result(forward, deadline)
         clock.lap("forward")
@@ -262,10 +262,10 @@ class ServedModel:
             raise RequestError(422, study.no_answer.code, study.no_answer.detail.removeprefix("upload: "))
         return study
 
-    def _check(self, loaded: LoadedImage, data: bytes) -> OodReport | None:
+    def _check(self, loaded: LoadedImage) -> OodReport | None:
         if not self.guard:
             return None
-        result = assess_upload(loaded, data)
+        result = assess_upload(loaded)
         return OodReport(flag=result.flag, score=result.score, checks=result.checks, reasons=result.reasons)
 
     def _heatmaps(
