@@ -139,3 +139,19 @@ def test_find_text_finds_burned_in_print_near_the_edge_and_nothing_on_a_plain_fi
     assert mask[20:40, 30:100].mean() > 0.8 and mask.mean() < 0.05
     central = regions.central_region((100, 200))
     assert central.sum() == pytest.approx(0.6 * 200 * 0.7 * 100, rel=0.05)
+
+
+def test_a_model_at_chance_has_its_evidence_reported_not_judged():
+    rng = np.random.default_rng(5)
+    classes = rng.choice(3, 90, p=[0.5, 0.3, 0.2])
+    y, ids = np.eye(3)[classes], [str(i) for i in range(90)]
+    frame = pd.DataFrame({"source": rng.choice(["A", "B"], 90)})
+    guessing = checks.group_performance("multiclass", y, rng.random((90, 3)), ids, frame, n_resamples=200)
+    assert guessing["pooled"]["chance"] == pytest.approx(np.bincount(classes).max() / 90)
+    assert not checks.beats_chance(guessing)
+    spread = checks.evidence_share([0.1, 0.2], [0.4, 0.4]) | {"region": "lung fields"}
+    line = {v["check"]: v for v in checks.verdicts({"groups": guessing, "evidence": spread})}["evidence"]
+    assert not line["flagged"] and line["line"].startswith("not judged") and "40%" in line["line"]
+    y, p, ids, frame = _multiclass()
+    assert checks.beats_chance(checks.group_performance("multiclass", y, p, ids, frame, n_resamples=200))
+    assert checks.beats_chance(None), "with no interval to go by, the evidence is judged"

@@ -84,6 +84,23 @@ def headline_metric(task: str) -> str:
     return "accuracy" if task == "multiclass" else "macro_auc"
 
 
+def chance_level(task: str, y: np.ndarray) -> float:
+    """What the headline metric gives with no skill: the most frequent class's share (the no-information
+    rate) for accuracy, 0.5 for an AUC."""
+    if task != "multiclass":
+        return 0.5
+    classes, known = class_indices(y)
+    return float(np.bincount(classes[known]).max() / known.sum()) if known.any() else 1.0
+
+
+def beats_chance(groups: dict[str, Any] | None) -> bool:
+    """Whether the pooled metric's interval lies wholly above chance; True where there is no interval to say."""
+    pooled = (groups or {}).get("pooled") or {}
+    if not pooled.get("ci") or pooled.get("chance") is None:
+        return True
+    return bool(pooled["ci"][0] > pooled["chance"])
+
+
 def _metric_with_resamples(
     task: str, y: np.ndarray, p: np.ndarray, ids: np.ndarray, n_resamples: int, seed: int
 ) -> tuple[float | None, np.ndarray]:
@@ -135,7 +152,7 @@ def group_performance(
         ci = _percentile_interval(resampled, alpha, 0.5) if value is not None else None
         return {"n_images": int(rows.sum()), "n_patients": len(set(ids[rows])), "value": value, "ci": ci}
 
-    pooled = measured(np.ones(len(y), dtype=bool))
+    pooled = measured(np.ones(len(y), dtype=bool)) | {"chance": chance_level(task, y)}
     result: dict[str, Any] = {}
     flagged = []
     for column in columns:
@@ -417,10 +434,17 @@ def verdicts(audit: dict[str, Any]) -> list[dict[str, Any]]:
             lines.append(_cover_verdict("text", change, "the model reads burned-in text or markers", numbers))
     evidence = audit.get("evidence")
     if evidence is not None and evidence.get("concentration") is not None:
-        flagged = evidence["concentration"] < MIN_CONCENTRATION
         numbers = (f"{_pct(evidence['energy_inside'])} of the heatmap energy lies inside the {evidence['region']}, "
                    f"which covers {_pct(evidence['area_share'])} of the image ({evidence['n_images']} images)")
-        flag = "FLAG: no more of the evidence lies there than a flat map would put there: "
-        line = (flag if flagged else "ok: ") + numbers
-        lines.append({"check": "evidence", "flagged": flagged, "line": line})
+        if not beats_chance(groups):
+            pooled = groups["pooled"]
+            line = (f"not judged: the model's {groups['metric']} {_num(pooled['value'])} [{_num(pooled['ci'][0])}, "
+                    f"{_num(pooled['ci'][1])}] does not beat chance ({_num(pooled['chance'])}), so its heatmaps "
+                    f"show no learned evidence to place: {numbers}")  # fmt: skip
+            lines.append({"check": "evidence", "flagged": False, "line": line})
+        else:
+            flagged = evidence["concentration"] < MIN_CONCENTRATION
+            flag = "FLAG: no more of the evidence lies there than a flat map would put there: "
+            line = (flag if flagged else "ok: ") + numbers
+            lines.append({"check": "evidence", "flagged": flagged, "line": line})
     return lines
