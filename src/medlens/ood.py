@@ -29,8 +29,8 @@ The statistics are computed on a 128 x 128 squash of the image: of every k-th ro
 1,024 px or more (:func:`thinned`, keeping at least 512), averaged in whole blocks first (:func:`block_means`);
 ``colour`` is measured on the small RGB copy the reader keeps of a file it made grey
 (:attr:`medlens.data.readers.LoadedImage.colour`), so no file is decoded twice. Measured on the 344 films
-(``benchmarks/ood.py``, 2026-12-03): a median 1.2-1.5 ms, at most 6.5 ms (films over 2 megapixels, where even
-reading the decoded film once costs that), with the same flags as the full-resolution squash gave.
+(``benchmarks/ood.py``, 2026-12-03): a median 1.2-1.5 ms, at most 6.5 ms (films over about 1.5 megapixels,
+where reading the decoded film's rows once costs that), with the same flags as the full-resolution squash gave.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ MIDLINE_STEPS = 16
 THIN_KEEP = 512
 """Films are thinned (:func:`thinned`) to no less than this many pixels on their short side: at 256 the
 aliased noise of printed-and-scanned films trips ``texture`` (9 of 344 scans flagged, against 3)."""
-"""The profile down the midline is taken in this many steps (8 px each at 128 px)."""
 
 
 @dataclass(frozen=True)

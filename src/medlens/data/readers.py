@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_PIXELS = 50_000_000
 """Images with more pixels than this are refused (decompression bombs); override per call."""
 COLOUR_SAMPLE_SIDE = 128
-"""The side of the colour copy a grey read keeps (:attr:`LoadedImage.colour`)."""
+"""The colour copy a grey read keeps (:attr:`LoadedImage.colour`) has about this many pixels squared."""
 MAX_BYTES_PER_PIXEL = 8
 MAX_DICOM_HEADER_BYTES = 16 * 2**20
 """With the pixel limit, how far a deflated DICOM may inflate (3 x 16-bit or 64-bit samples, plus elements)."""
