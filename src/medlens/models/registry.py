@@ -93,7 +93,7 @@ def describe_models() -> dict[str, Any]:
             for spec in map(get_backbone_spec, list_models())
         ],
         "any_timm_name": ANY_TIMM_NAME,
-        "timm_models": len(_timm_names()),
+        "timm_models": len(_timm_index()),
         "torchxrayvision_weights": {
             "names": [f"xrv:{name}" for name in XRV_WEIGHTS],
             "folder": str(xrv_folder()),
@@ -105,14 +105,14 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     """The registered spec for ``name``, or a derived one for a timm model name; else a ConfigError."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if name in _timm_names():
+    if name in _timm_index():
         return BackboneSpec(name, name, f"timm's {name}")
     arch, _, tag = name.partition(".")
-    if tag and arch in _timm_names():
+    if tag and arch in _timm_index():
         raise ConfigError(
             f"model name {name!r} carries a weights tag: set model.name: {arch} and model.pretrained: timm/{name}"
         )
-    close = difflib.get_close_matches(name, sorted({*_REGISTRY, *_timm_names()}), n=5, cutoff=0.6)
+    close = difflib.get_close_matches(name, sorted({*_REGISTRY, *_timm_index()}), n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ConfigError(
         f"unknown model name {name!r}; {hint}medlens names {', '.join(list_models())}, and {ANY_TIMM_NAME}"
@@ -141,10 +141,6 @@ def check_model(model_name: str, pretrained: object) -> None:
             f"cannot fetch {source}: the Hugging Face hub is unreachable and its local cache does not hold it. "
             f"Download the weights where there is a network and pass the local file instead: {LOCAL_FILE_HINT}"
         )
-
-
-def _timm_names() -> frozenset[str]:
-    return frozenset(_timm_index())
 
 
 def hub_repo(model: str) -> str | None:
