@@ -82,6 +82,8 @@ NO_DATA = [
 WITH_DATA = [
     ("missing source", lambda p: _train(p, "data.source=/nonexistent/source"), "/nonexistent/source"),
     ("empty source folder", lambda p: _train(p, f"data.source={p['empty']}"), "empty"),
+    ("none of the model's labels", lambda p: ["evaluate", str(p["ckpt"]), "--data", str(p["images"]), "--out", "e"],
+     "none of the model's labels (a, b)"),
 ]
 
 

@@ -63,6 +63,12 @@ class EvaluationData:
         return {"source": str(self.source), "split": self.split, "description": description, "note": self.note}
 
 
+def _listed(labels: Sequence[str], most: int = 6) -> str:
+    """Up to ``most`` labels, comma-separated, and how many more."""
+    shown = ", ".join(labels[:most])
+    return shown if len(labels) <= most else f"{shown} and {len(labels) - most} more"
+
+
 def _root_of(source: Path) -> Path:
     """The folder a source's image paths are relative to: the folder itself, or a CSV's folder."""
     return source if source.is_dir() else source.parent
@@ -94,6 +100,13 @@ def evaluation_data(predictor: Model, source: str | Path | None, split: str | No
         if split is not None:
             raise DataSourceError(
                 f"--split {split} needs the run's own data; {source_path} is not what it trained on ({trained_on})"
+            )
+        shared = [label for label in predictor.labels if label in table.label_names]
+        if not shared:
+            raise DataSourceError(
+                f"{source_path} is labelled {_listed(table.label_names)}, none of the model's labels "
+                f"({_listed(predictor.labels)}): evaluate on images labelled with those, or use "
+                "`medlens predict` to score images without them"
             )
         log.info("evaluating all %d images of %s (not the run's training data)", len(table), source_path)
         return EvaluationData(table.relabel(predictor.labels), source_path, None)
