@@ -155,3 +155,17 @@ def test_a_model_at_chance_has_its_evidence_reported_not_judged():
     y, p, ids, frame = _multiclass()
     assert checks.beats_chance(checks.group_performance("multiclass", y, p, ids, frame, n_resamples=200))
     assert checks.beats_chance(None), "with no interval to go by, the evidence is judged"
+
+
+def test_the_group_chart_draws_without_a_pooled_interval():
+    import warnings
+
+    from medlens.evaluation.plots import plot_groups
+
+    y, p, ids, frame = _multiclass()
+    found = checks.group_performance("multiclass", y, p, ids, frame, n_resamples=50)
+    undefined = {**found, "pooled": {**found["pooled"], "value": None, "ci": None}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when asked for a legend with nothing labelled
+        for groups in (found, undefined):
+            assert plot_groups(groups).startswith(b"\x89PNG")

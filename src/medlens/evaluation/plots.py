@@ -359,6 +359,7 @@ def plot_groups(groups: Mapping[str, Any], out: str | Path | None = None) -> byt
     ax.set_yticks(range(len(bars)), [f"{name} (n={g['n_images']})" for name, g in bars], fontsize=8)
     ax.invert_yaxis()
     ax.set(xlim=(0, 1.02), xlabel=groups["metric"].replace("_", " "))
-    ax.legend(fontsize=8, loc="lower right")
+    if pooled["ci"]:  # the band is the one labelled artist
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _finish(fig, out)
