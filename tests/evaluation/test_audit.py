@@ -105,6 +105,22 @@ def test_verdicts_give_one_line_per_check_with_its_numbers():
     assert lines["evidence"]["flagged"] and "40%" in lines["evidence"]["line"]
 
 
+def test_a_flagged_border_says_whether_the_ranking_survived_the_cover():
+    rng = np.random.default_rng(4)
+    y = (rng.random((100, 2)) < 0.4).astype(float)
+    before = np.clip(0.6 * y + 0.2 + 0.1 * rng.random((100, 2)), 0, 1)
+
+    def border_line(after: np.ndarray) -> dict:
+        change = checks.score_change("multilabel", y, before, after, ["a", "b"], [0.5, 0.5])
+        audit = {"border": {"covers": [{"width_share": 0.04, "mode": "blank", **change}]}}
+        return checks.verdicts(audit)[0]
+
+    shifted = border_line(np.clip(before + 0.3, 0, 1))  # every score up alike: calls flip, the ranking holds
+    assert shifted["flagged"] and "AUCs hold" in shifted["line"] and "thresholds" in shifted["line"]
+    scrambled = border_line(rng.random((100, 2)))  # the answers gone with the border
+    assert scrambled["flagged"] and "reads its answers off the image's border" in scrambled["line"]
+
+
 def _film(size: int = 256) -> np.ndarray:
     """A smooth film-like picture: bright middle, dark corners."""
     y, x = np.mgrid[0:size, 0:size] / size

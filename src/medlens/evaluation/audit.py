@@ -59,6 +59,10 @@ MAX_MEAN_CHANGE = 0.05
 """Covering the border or the text moves a model too much past either. AUC changes are reported, not judged:
 on a few hundred images a one-vs-rest AUC's standard error (~0.05-0.08) is as large as any limit worth
 setting, and a model close to chance reorders near-tied scores on changes of 0.001."""
+AUC_HOLDS = 0.10
+"""A cover under which no AUC falls by this much leaves the ranking as it was: a flagged border then shifts the
+scores without carrying the answers. Wording only, the flag stands: the stamped phantoms' model loses up to
+0.60 when its border goes, the demo's 0.04, a cxr4 model 0.12 (docs/audit.md)."""
 FLIP_MIN_MOVE = 0.05
 """A decision counts as flipped only when one of the image's probabilities moved this much."""
 RIDGE_ALPHA = 10.0
@@ -420,7 +424,12 @@ def verdicts(audit: dict[str, Any]) -> list[dict[str, Any]]:
         numbers = (f"covering the outer {worst['width_share']:.0%} ({worst['mode']}) flips {_pct(worst['flip_share'])} "
                    f"of decisions, moves probabilities by {_num(worst['mean_abs_change'])} on average and changes an "
                    f"AUC by up to -{_num(worst['max_auc_drop'])} ({worst['n_images']} images)")  # fmt: skip
-        lines.append(_cover_verdict("border", worst, "the model reads the image's border", numbers))
+        if max(c["max_auc_drop"] for c in border["covers"]) < AUC_HOLDS:
+            finding = ("the model's scores depend on the image's border, though its AUCs hold (check its "
+                       "thresholds on films framed otherwise)")  # fmt: skip
+        else:
+            finding = "the model reads its answers off the image's border"
+        lines.append(_cover_verdict("border", worst, finding, numbers))
     text = audit.get("text")
     if text is not None:
         if not text["n_with_text"]:
