@@ -400,7 +400,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint, backend=args.backend, device=args.device)
     written = predict_to_csv(model, args.inputs, args.out, args.batch_size)
-    print(f"wrote {written} rows to {args.out}")
+    print(f"wrote {written} row{'' if written == 1 else 's'} to {args.out}")
     if args.report:
         from medlens.jobs.predict import write_study_reports
 
