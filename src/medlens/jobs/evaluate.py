@@ -101,8 +101,7 @@ def evaluation_data(predictor: Model, source: str | Path | None, split: str | No
             raise DataSourceError(
                 f"--split {split} needs the run's own data; {source_path} is not what it trained on ({trained_on})"
             )
-        shared = [label for label in predictor.labels if label in table.label_names]
-        if not shared:
+        if not set(predictor.labels) & set(table.label_names):
             raise DataSourceError(
                 f"{source_path} is labelled {_listed(table.label_names)}, none of the model's labels "
                 f"({_listed(predictor.labels)}): evaluate on images labelled with those, or use "

@@ -271,14 +271,15 @@ def _findings(
                 threshold=None if model.task == "multiclass" else float(model.thresholds[j]),
                 validation=points.get(label),
                 zone=zone,
-                heatmap_png=None if heatmap is None else _picture(heatmap, backdrop),
+                heatmap_png=None if heatmap is None else heatmap_picture(heatmap, backdrop),
             )
         )
     return findings
 
 
-def _picture(heatmap: Heatmap, backdrop: np.ndarray) -> bytes:
-    """A CAM over the display copy of the image; an occlusion map over the face chip it was computed on."""
+def heatmap_picture(heatmap: Heatmap, backdrop: np.ndarray) -> bytes:
+    """A heatmap as PNG: a CAM over ``backdrop`` (the image, or a display copy of it); an occlusion map over the
+    face chip it was computed on. What a report and the server show."""
     return heatmap_png(heatmap.map, backdrop if heatmap.marks is None else heatmap.backdrop, heatmap.marks)
 
 

@@ -27,10 +27,9 @@ from PIL import Image
 from medlens.data.png import compile_now
 from medlens.data.readers import LoadedImage, load_image
 from medlens.explain.cam import CAM_METHODS
-from medlens.explain.overlay import heatmap_png
 from medlens.inference import OCCLUSION, Model, load_model
 from medlens.ood import assess_upload
-from medlens.reports.study import Study, study_of
+from medlens.reports.study import Study, heatmap_picture, study_of
 from medlens.runtime import available_cores
 from medlens.serve.schemas import (
     Finding,
@@ -275,16 +274,11 @@ class ServedModel:
         maps = self._workers.model(deadline, self.model.heatmaps, pixels, targets, method, prepared)
         with self._workers.image_work(deadline):
             backdrop = _shrunk(pixels, HEATMAP_MAX_SIDE)
-            return [_heatmap(h.label, method, _picture(h, backdrop)) for h in maps]
+            return [_heatmap(h.label, method, heatmap_picture(h, backdrop)) for h in maps]
 
     def close(self) -> None:
         self._workers.close()
         self.model.close()
-
-
-def _picture(heatmap: Any, backdrop: np.ndarray) -> bytes:
-    """A CAM over the (shrunk) upload; an occlusion map over the face chip it was computed on."""
-    return heatmap_png(heatmap.map, backdrop if heatmap.marks is None else heatmap.backdrop, heatmap.marks)
 
 
 def _card(manifest: dict[str, Any], name: str) -> ModelCard:
