@@ -223,8 +223,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"ensemble checkpoint: {args.out / ENSEMBLE_DIR}")
         return 0
     best = train(config, args.out, resume=args.resume)
-    shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in best.items())
-    print(("validation " if config.model.strategy == "probe" else "best epoch ") + shown)
+    probe = config.model.strategy == "probe"
+    heading = "validation: " if probe else f"best epoch {best.pop('epoch', '?')}: "
+    print(heading + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in best.items()))
     print(f"checkpoint: {args.out / 'best'}")
     return 0
 
